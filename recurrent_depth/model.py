@@ -1,0 +1,227 @@
+"""The recurrent-depth language model (Huginn architecture) as a thin Flax Linen module.
+
+prelude -> state s_0 -> r x [adapter(concat(s, e)) -> core layers] -> ln_f -> coda -> ln_f -> tied head.
+
+The recurrence over the shared core block runs in two phases, as in truncated backprop training:
+`n` iterations without gradient (a `while_loop`, so `n` may be traced and one compilation serves every `n`;
+memory does not depend on `n`), then `k` iterations with gradient (`nn.scan`, each iteration rematerialised).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from recurrent_depth.config import ModelConfig
+from recurrent_depth.layers import RMSNorm, SandwichBlock, causal_mask, constrain, param, rope_angles, trunc_normal
+
+
+@flax.struct.dataclass
+class ModelOutput:
+    logits: jax.Array  # [batch, seq, vocab] float32
+    latents: jax.Array  # [batch, seq, embed] final state after the final norm (before the coda)
+    trajectory: jax.Array | None = None  # [steps, batch, seq, embed] normed state after each iteration
+
+
+class CoreBlock(nn.Module):
+    """One iteration of the recurrence: the linear adapter on concat(state, e), then the core layers.
+
+    The adapter kernel is stored split as [2, embed, embed] (state half, input half) so that the input half,
+    the same at every iteration, is applied once per forward pass by `inject` instead of once per iteration.
+    """
+
+    config: ModelConfig
+
+    def setup(self):
+        cfg = self.config
+        self.adapter = param(self, "adapter", trunc_normal(cfg.init_std), (2, cfg.hidden_size, cfg.hidden_size),
+                             (None, "embed", "mlp"), cfg.weight_dtype)
+        self.layers = [SandwichBlock(cfg, name=f"layers_{j}") for j in range(cfg.num_core_layers)]
+
+    def inject(self, e):
+        """The prelude output's share of the adapter, e @ W_e.  [batch, seq, embed]."""
+        return jnp.einsum("bte,ef->btf", e, self.adapter[1].astype(e.dtype))
+
+    def __call__(self, state, injected, cos, sin, mask):
+        x = jnp.einsum("bte,ef->btf", state, self.adapter[0].astype(state.dtype)) + injected
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask)
+        return x
+
+
+def _scan_body(core, state, injected, cos, sin, mask):
+    new_state = core(state, injected, cos, sin, mask)
+    return new_state, new_state
+
+
+def _stop_gradient_params(fn):
+    """Runs `fn(module, ...)` with the module's parameters behind `stop_gradient` (no-gradient iterations)."""
+    return nn.map_variables(fn, "params", trans_in_fn=lambda v: jax.tree.map(jax.lax.stop_gradient, v))
+
+
+def _is_static_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+class RecurrentDepthLM(nn.Module):
+    """Huginn-style recurrent-depth decoder.  See the module docstring for the forward pass."""
+
+    config: ModelConfig
+
+    def setup(self):
+        cfg = self.config
+        self.embedding = param(self, "embedding", trunc_normal(cfg.init_std), (cfg.vocab_size, cfg.hidden_size),
+                               ("vocab", "embed"), cfg.weight_dtype)
+        self.prelude = [SandwichBlock(cfg, name=f"prelude_{i}") for i in range(cfg.num_prelude_layers)]
+        self.core = CoreBlock(cfg, name="core")
+        self.coda = [SandwichBlock(cfg, name=f"coda_{i}") for i in range(cfg.num_coda_layers)]
+        self.ln_f = RMSNorm(cfg.norm_eps, cfg.weight_dtype, name="ln_f")
+        if not cfg.tie_embeddings:
+            self.lm_head = param(self, "lm_head", trunc_normal(cfg.init_std), (cfg.hidden_size, cfg.vocab_size),
+                                 ("embed", "vocab"), cfg.weight_dtype)
+
+    # ---- pieces (also used by decoding) -------------------------------------------------------
+    def embed(self, input_ids, cos, sin, mask):
+        """Token embedding times sqrt(hidden), then the prelude.  [batch, seq] -> [batch, seq, embed]."""
+        cfg = self.config
+        x = jnp.take(self.embedding, input_ids, axis=0).astype(cfg.compute_dtype) * cfg.embed_scale
+        x = constrain(x, ("batch", "length", "embed"))
+        for layer in self.prelude:
+            x = layer(x, cos, sin, mask)
+        return x
+
+    def initial_state(self, e, init_scale):
+        """s_0 = trunc_normal(std * init_scale, +-3 std) * sqrt(hidden); zeros when init_scale is 0."""
+        if isinstance(init_scale, (int, float)) and init_scale == 0:
+            return jnp.zeros_like(e)
+        if not self.has_rng("state"):
+            raise ValueError("a random initial state needs rngs={'state': key}; alternatively pass "
+                             "input_states or init_scale=0 for a deterministic zero state")
+        cfg = self.config
+        noise = jax.random.truncated_normal(self.make_rng("state"), -3.0, 3.0, e.shape, jnp.float32)
+        return (noise * (cfg.resolved_state_init_std * init_scale * cfg.embed_scale)).astype(e.dtype)
+
+    def iterate(self, state, e, cos, sin, mask, num_steps, return_trajectory: bool = False):
+        """Runs the recurrence.  num_steps: int or traced int (all without gradient) or (n, k) with k static.
+
+        Returns the final raw state and, if asked, the raw state after every iteration [steps, b, s, e].
+        """
+        n, k = num_steps if isinstance(num_steps, tuple) else (num_steps, 0)
+        if not _is_static_int(k) or k < 0:
+            raise ValueError(f"the number of gradient iterations must be a non-negative Python int, got {k!r}")
+        if _is_static_int(n) and n < 0:
+            raise ValueError(f"num_steps must be non-negative, got {n}")
+        if return_trajectory and not _is_static_int(n):
+            raise ValueError("return_trajectory needs a static (Python int) number of iterations")
+        injected = self.core.inject(e)
+        if self.is_initializing():  # create the core's parameters outside the loops
+            self.core(state, injected, cos, sin, mask)
+        states = []
+        if not (_is_static_int(n) and n == 0):
+            frozen = [jax.lax.stop_gradient(a) for a in (state, injected)]
+            if return_trajectory:
+                scan = nn.scan(_stop_gradient_params(_scan_body), variable_broadcast="params",
+                               split_rngs={"params": False}, in_axes=(nn.broadcast,) * 4, length=n)
+                state, ys = scan(self.core, frozen[0], frozen[1], cos, sin, mask)
+                states.append(ys)
+            else:
+                state = self._no_grad_loop(frozen[0], frozen[1], cos, sin, mask, n)
+        if k > 0:
+            scan = nn.scan(nn.remat(_scan_body, prevent_cse=False), variable_broadcast="params",
+                           split_rngs={"params": False}, in_axes=(nn.broadcast,) * 4, length=k)
+            state, ys = scan(self.core, state, injected, cos, sin, mask)
+            states.append(ys)
+        trajectory = None
+        if return_trajectory:
+            trajectory = jnp.concatenate(states, axis=0) if states else jnp.zeros((0, *state.shape), state.dtype)
+        return state, trajectory
+
+    def _no_grad_loop(self, state, injected, cos, sin, mask, n):
+        """n iterations in a while_loop (n may be traced): memory independent of n, one compilation for all n."""
+
+        def cond(core, carry):
+            return carry[0] < n
+
+        def body(core, carry):
+            i, s = carry
+            return i + 1, core(s, injected, cos, sin, mask)
+
+        def loop(core, s):
+            return nn.while_loop(cond, body, core, (jnp.zeros((), jnp.int32), s), broadcast_variables="params")[1]
+
+        return _stop_gradient_params(loop)(self.core, state)
+
+    def decode(self, state, cos, sin, mask):
+        """ln_f, coda, ln_f again (same weights), tied head.  Returns (float32 logits, normed latents)."""
+        cfg = self.config
+        latents = self.ln_f(state)
+        y = latents
+        for layer in self.coda:
+            y = layer(y, cos, sin, mask)
+        y = self.ln_f(y)
+        head = self.embedding.T if cfg.tie_embeddings else self.lm_head  # [embed, vocab]
+        logits = jnp.einsum("bte,ev->btv", y, head.astype(y.dtype), preferred_element_type=jnp.float32)
+        return constrain(logits, ("batch", "length", "vocab")), latents
+
+    # ---- the full forward pass ----------------------------------------------------------------
+    def __call__(self, input_ids, num_steps: Any = None, *, input_states=None, init_scale=None, positions=None,
+                 segment_ids=None, return_trajectory: bool = False) -> ModelOutput:
+        """Forward pass over a batch of token ids [batch, seq].
+
+        num_steps: iterations of the core block; an int (Python or traced) runs them all without gradient
+          (inference, like the original's scalar `num_steps`); a pair (n, k) runs n without gradient then k with
+          gradient (truncated backprop; k a Python int).  Default: config.mean_recurrence.
+        input_states: the initial latent state [batch, seq, embed] (else drawn with rng 'state').
+        init_scale: multiplies the state-init std (default config.init_scale; 0 gives a zero state).
+        positions: RoPE positions [batch, seq] (default 0..seq-1).
+        segment_ids: [batch, seq] document ids; attention stays within a document (document masking).
+        return_trajectory: also return the normed state after every iteration (static iteration counts only).
+        """
+        cfg = self.config
+        batch, seq_len = input_ids.shape
+        if seq_len > cfg.max_seq_len:
+            raise ValueError(f"sequence length {seq_len} exceeds the model's context (max_seq_len={cfg.max_seq_len})")
+        check_token_ids(input_ids, cfg.vocab_size)
+        num_steps = cfg.mean_recurrence if num_steps is None else num_steps
+        init_scale = cfg.init_scale if init_scale is None else init_scale
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len))
+        cos, sin = rope_angles(positions, cfg.resolved_head_dim, cfg.rope_base)
+        mask = causal_mask(seq_len, segment_ids)
+
+        e = self.embed(input_ids, cos, sin, mask)
+        if input_states is None:
+            state = self.initial_state(e, init_scale)
+        else:
+            if input_states.shape != e.shape:
+                raise ValueError(f"input_states must have shape {e.shape}, got {input_states.shape}")
+            state = input_states.astype(e.dtype)
+        state, trajectory = self.iterate(state, e, cos, sin, mask, num_steps, return_trajectory)
+        logits, latents = self.decode(state, cos, sin, mask)
+        if trajectory is not None:
+            trajectory = self.ln_f(trajectory)
+        return ModelOutput(logits=logits, latents=latents, trajectory=trajectory)
+
+
+def check_token_ids(input_ids, vocab_size: int) -> None:
+    """Raises ValueError for token ids outside [0, vocab_size) when the ids are concrete (not traced)."""
+    if isinstance(input_ids, jax.core.Tracer):
+        return
+    ids = np.asarray(input_ids)
+    if ids.size == 0:
+        raise ValueError("input_ids is empty")
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"token ids must lie in [0, {vocab_size}), got values in [{lo}, {hi}]")
+
+
+def init_params(model: RecurrentDepthLM, rng: jax.Array, seq_len: int = 8):
+    """Freshly initialised parameters (boxed with logical axis names; `nn.meta.unbox` for plain arrays)."""
+    ids = jnp.zeros((1, min(seq_len, model.config.max_seq_len)), jnp.int32)
+    init = jax.jit(lambda key: model.init({"params": key}, ids, num_steps=1, init_scale=0.0)["params"])
+    return init(rng)

@@ -1,0 +1,159 @@
+"""Checkpoint import/export in the original's Hugging Face format, conversion CLI, parameter checkpoints."""
+
+import json
+import shutil
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from conftest import TINY, assert_close
+from recurrent_depth import ModelConfig, RecurrentDepthLM, init_params
+from recurrent_depth.checkpoint import load_model, load_params, save_params
+from recurrent_depth.convert import main as convert_main
+from recurrent_depth.hf import CheckpointError, from_huggingface, to_huggingface
+
+CHECKPOINT = TINY / "checkpoint"
+
+
+def _assert_trees_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _copy_checkpoint(tmp_path):
+    dst = tmp_path / "ckpt"
+    shutil.copytree(CHECKPOINT, dst)
+    for f in dst.iterdir():
+        f.chmod(0o644)
+    return dst
+
+
+def test_export_writes_the_original_tensors_exactly(tiny, tmp_path):
+    model, params = tiny
+    to_huggingface(model, params, tmp_path / "out")
+    original, exported = load_file(str(CHECKPOINT / "model.safetensors")), load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert set(exported) == set(original)
+    for name, tensor in original.items():
+        if name == "freqs_cis":
+            np.testing.assert_allclose(exported[name], tensor, atol=2e-6)
+        else:
+            np.testing.assert_array_equal(exported[name], tensor, err_msg=name)
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    reference = json.loads((CHECKPOINT / "config.json").read_text())
+    for key in ("n_embd", "n_heads", "n_layers", "n_layers_in_prelude", "n_layers_in_recurrent_block",
+                "n_layers_in_coda", "intermediate_size", "vocab_size", "block_size", "rope_base", "norm_eps",
+                "qk_bias", "tie_embeddings", "mean_recurrence", "mean_backprop_depth", "head_dim", "injection_type",
+                "block_class_name", "effective_expected_depth"):
+        assert written[key] == reference[key], key
+    for key, value in reference["init_values"].items():
+        assert written["init_values"][key] == pytest.approx(value, rel=1e-12)
+
+
+def test_round_trip_is_exact_including_sharded_files(tiny, tmp_path):
+    model, params = tiny
+    to_huggingface(model, params, tmp_path / "sharded", max_shard_bytes=200_000)
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    assert len(list((tmp_path / "sharded").glob("model-*-of-*.safetensors"))) > 1
+    model2, params2 = from_huggingface(tmp_path / "sharded")
+    assert model2.config == model.config
+    _assert_trees_equal(params, params2)
+    # Re-exporting unsharded over the same directory removes the stale shards.
+    to_huggingface(model, params, tmp_path / "sharded")
+    assert not list((tmp_path / "sharded").glob("model-*-of-*.safetensors"))
+    _assert_trees_equal(params, from_huggingface(tmp_path / "sharded")[1])
+
+
+def test_untied_head_round_trip(tmp_path):
+    config = ModelConfig(vocab_size=96, hidden_size=32, num_heads=2, intermediate_size=48, num_prelude_layers=1,
+                         num_core_layers=1, num_coda_layers=1, max_seq_len=32, tie_embeddings=False, qk_bias=False)
+    model = RecurrentDepthLM(config)
+    params = nn.meta.unbox(init_params(model, jax.random.key(0)))
+    to_huggingface(model, params, tmp_path)
+    assert "lm_head.weight" in load_file(str(tmp_path / "model.safetensors"))
+    model2, params2 = from_huggingface(tmp_path)
+    assert model2.config.tie_embeddings is False and model2.config.qk_bias is False
+    _assert_trees_equal(params, params2)
+
+
+def test_load_to_bfloat16(tiny):
+    ref = np.load(TINY / "forward.npz")
+    model, params = from_huggingface(CHECKPOINT, dtype="bfloat16")
+    assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
+    assert model.config.dtype == "bfloat16"
+    out = model.apply({"params": params}, ref["input_ids"], num_steps=3, input_states=ref["input_states"])
+    assert out.logits.dtype == jnp.float32
+    # bf16 keeps ~3 significant digits; this only checks the bf16 path computes the same function.
+    assert_close(out.logits, ref["logits_r3"], rtol=0.1, name="bf16 logits")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.pop("transformer.coda.0.mlp.fc.weight"), "missing tensor.*transformer.coda.0.mlp.fc.weight"),
+    (lambda t: t.update({"transformer.extra.weight": np.zeros(3, np.float32)}), "unexpected tensor.*transformer.extra"),
+    (lambda t: t.update({"transformer.ln_f.weight": np.zeros(65, np.float32)}),
+     r"transformer.ln_f.weight has shape \(65,\), expected \(64,\)"),
+])
+def test_import_errors_name_the_tensor(tmp_path, edit, message):
+    dst = _copy_checkpoint(tmp_path)
+    tensors = load_file(str(dst / "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(dst / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=message):
+        from_huggingface(dst)
+
+
+@pytest.mark.parametrize("key, value", [("injection_type", "add"), ("block_class_name", "PreNormBlock"),
+                                        ("num_key_value_heads", 2), ("n_layers", 7)])
+def test_unsupported_config_is_rejected(tmp_path, key, value):
+    dst = _copy_checkpoint(tmp_path)
+    config = json.loads((dst / "config.json").read_text())
+    config[key] = value
+    (dst / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=key):
+        from_huggingface(dst)
+
+
+def test_missing_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        from_huggingface(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        from_huggingface(tmp_path)
+    dst = _copy_checkpoint(tmp_path)
+    (dst / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        from_huggingface(dst)
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors"}}))
+    with pytest.raises(FileNotFoundError, match="model-00001-of-00002"):
+        from_huggingface(dst)
+
+
+def test_parameter_checkpoint_round_trip_and_mismatch(tiny, tmp_path):
+    model, params = tiny
+    save_params(tmp_path / "p", model.config, params)
+    model2, params2 = load_params(tmp_path / "p")
+    assert model2.config == model.config
+    _assert_trees_equal(params, params2)
+    assert load_model(tmp_path / "p")[0].config == model.config
+    config = json.loads((tmp_path / "p" / "model_config.json").read_text())
+    config["intermediate_size"] = 128
+    (tmp_path / "p" / "model_config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="do not match"):
+        load_params(tmp_path / "p")
+    with pytest.raises(FileNotFoundError, match="neither"):
+        load_model(tmp_path)
+
+
+def test_convert_cli_both_directions(tmp_path, capsys):
+    assert convert_main(["hf-to-orbax", str(CHECKPOINT), str(tmp_path / "orbax")]) == 0
+    assert convert_main(["orbax-to-hf", str(tmp_path / "orbax"), str(tmp_path / "hf")]) == 0
+    original, converted = load_file(str(CHECKPOINT / "model.safetensors")), load_file(str(tmp_path / "hf" / "model.safetensors"))
+    for name in original:
+        if name != "freqs_cis":
+            np.testing.assert_array_equal(converted[name], original[name], err_msg=name)
+    assert convert_main(["hf-to-orbax", str(tmp_path / "missing"), str(tmp_path / "x")]) == 1
+    assert "does not exist" in capsys.readouterr().err
