@@ -97,7 +97,7 @@ class Attention(nn.Module):
             q = (q + bias[0].astype(dt)).astype(dt)
             k = (k + bias[1].astype(dt)).astype(dt)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        q = constrain(q, ("batch", "length", "heads", "kv"))
+        q = constrain(q, ("batch", "length", "act_heads", None))
         out = dot_product_attention(q, k, v, mask)  # [batch, seq, heads, head_dim]
         return jnp.einsum("bthd,hde->bte", out, w_out.astype(dt))
 
@@ -116,7 +116,7 @@ class GatedMLP(nn.Module):
         w_proj = param(self, "proj", trunc_normal(cfg.out_proj_std), (cfg.intermediate_size, cfg.hidden_size),
                        ("mlp", "embed"), cfg.weight_dtype)
         gate, up = jnp.einsum("bte,epi->pbti", x, w_fc.astype(dt))
-        h = constrain(nn.silu(gate) * up, ("batch", "length", "mlp"))
+        h = constrain(nn.silu(gate) * up, ("batch", "length", "act_mlp"))
         return jnp.einsum("bti,ie->bte", h, w_proj.astype(dt))
 
 
@@ -131,4 +131,4 @@ class SandwichBlock(nn.Module):
         norm = lambda name: RMSNorm(cfg.norm_eps, cfg.weight_dtype, name=name)  # noqa: E731
         x = norm("norm_2")(x + Attention(cfg, name="attn")(norm("norm_1")(x), cos, sin, mask))
         x = norm("norm_4")(x + GatedMLP(cfg, name="mlp")(norm("norm_3")(x)))
-        return constrain(x, ("batch", "length", "embed"))
+        return constrain(x, ("batch", "length", "act_embed"))

@@ -45,10 +45,13 @@ class CoreBlock(nn.Module):
 
     def inject(self, e):
         """The prelude output's share of the adapter, e @ W_e.  [batch, seq, embed]."""
-        return jnp.einsum("bte,ef->btf", e, self.adapter[1].astype(e.dtype))
+        return constrain(jnp.einsum("bte,ef->btf", e, self.adapter[1].astype(e.dtype)), ("batch", "length", "act_embed"))
 
     def __call__(self, state, injected, cos, sin, mask):
         x = jnp.einsum("bte,ef->btf", state, self.adapter[0].astype(state.dtype)) + injected
+        # Without this constraint XLA's SPMD partitioner (jax 0.10, CPU) miscompiled the following block when the
+        # adapter is sharded over (fsdp, tensor): the sharded-vs-single-device tests catch it.
+        x = constrain(x, ("batch", "length", "act_embed"))
         for layer in self.layers:
             x = layer(x, cos, sin, mask)
         return x
@@ -56,6 +59,12 @@ class CoreBlock(nn.Module):
 
 def _scan_body(core, state, injected, cos, sin, mask):
     new_state = core(state, injected, cos, sin, mask)
+    return new_state, new_state
+
+
+def _masked_scan_body(core, state, active, injected, cos, sin, mask):
+    """An iteration that leaves the state unchanged where `active` is False (traced gradient-iteration counts)."""
+    new_state = jnp.where(active, core(state, injected, cos, sin, mask), state)
     return new_state, new_state
 
 
@@ -90,7 +99,7 @@ class RecurrentDepthLM(nn.Module):
         """Token embedding times sqrt(hidden), then the prelude.  [batch, seq] -> [batch, seq, embed]."""
         cfg = self.config
         x = jnp.take(self.embedding, input_ids, axis=0).astype(cfg.compute_dtype) * cfg.embed_scale
-        x = constrain(x, ("batch", "length", "embed"))
+        x = constrain(x, ("batch", "length", "act_embed"))
         for layer in self.prelude:
             x = layer(x, cos, sin, mask)
         return x
@@ -107,16 +116,18 @@ class RecurrentDepthLM(nn.Module):
         return (noise * (cfg.resolved_state_init_std * init_scale * cfg.embed_scale)).astype(e.dtype)
 
     def iterate(self, state, e, cos, sin, mask, num_steps, return_trajectory: bool = False):
-        """Runs the recurrence.  num_steps: int or traced int (all without gradient) or (n, k) with k static.
+        """Runs the recurrence.  num_steps: an int, all without gradient, or (n, k); n and k may be traced
+        (a traced k must not exceed config.mean_backprop_depth).
 
         Returns the final raw state and, if asked, the raw state after every iteration [steps, b, s, e].
         """
         n, k = num_steps if isinstance(num_steps, tuple) else (num_steps, 0)
-        if not _is_static_int(k) or k < 0:
-            raise ValueError(f"the number of gradient iterations must be a non-negative Python int, got {k!r}")
-        if _is_static_int(n) and n < 0:
-            raise ValueError(f"num_steps must be non-negative, got {n}")
-        if return_trajectory and not _is_static_int(n):
+        for value in (n, k):
+            if _is_static_int(value) and value < 0:
+                raise ValueError(f"num_steps must be non-negative, got {num_steps}")
+            if not _is_static_int(value) and jnp.ndim(value) != 0:
+                raise ValueError(f"num_steps must hold integer scalars, got {num_steps}")
+        if return_trajectory and not (_is_static_int(n) and _is_static_int(k)):
             raise ValueError("return_trajectory needs a static (Python int) number of iterations")
         injected = self.core.inject(e)
         if self.is_initializing():  # create the core's parameters outside the loops
@@ -131,10 +142,13 @@ class RecurrentDepthLM(nn.Module):
                 states.append(ys)
             else:
                 state = self._no_grad_loop(frozen[0], frozen[1], cos, sin, mask, n)
-        if k > 0:
-            scan = nn.scan(nn.remat(_scan_body, prevent_cse=False), variable_broadcast="params",
-                           split_rngs={"params": False}, in_axes=(nn.broadcast,) * 4, length=k)
-            state, ys = scan(self.core, state, injected, cos, sin, mask)
+        # A traced k runs mean_backprop_depth iterations of which only the last k change the state.
+        length = k if _is_static_int(k) else self.config.mean_backprop_depth
+        if length > 0:
+            active = jnp.arange(length) >= length - k
+            scan = nn.scan(nn.remat(_masked_scan_body, prevent_cse=False), variable_broadcast="params",
+                           split_rngs={"params": False}, in_axes=(0,) + (nn.broadcast,) * 4, length=length)
+            state, ys = scan(self.core, state, active, injected, cos, sin, mask)
             states.append(ys)
         trajectory = None
         if return_trajectory:
@@ -166,7 +180,7 @@ class RecurrentDepthLM(nn.Module):
         y = self.ln_f(y)
         head = self.embedding.T if cfg.tie_embeddings else self.lm_head  # [embed, vocab]
         logits = jnp.einsum("bte,ev->btv", y, head.astype(y.dtype), preferred_element_type=jnp.float32)
-        return constrain(logits, ("batch", "length", "vocab")), latents
+        return constrain(logits, ("batch", "length", "act_vocab")), latents
 
     # ---- the full forward pass ----------------------------------------------------------------
     def __call__(self, input_ids, num_steps: Any = None, *, input_states=None, init_scale=None, positions=None,
@@ -175,7 +189,8 @@ class RecurrentDepthLM(nn.Module):
 
         num_steps: iterations of the core block; an int (Python or traced) runs them all without gradient
           (inference, like the original's scalar `num_steps`); a pair (n, k) runs n without gradient then k with
-          gradient (truncated backprop; k a Python int).  Default: config.mean_recurrence.
+          gradient (truncated backprop; a traced k is at most config.mean_backprop_depth, so that one compilation
+          serves every sampled (n, k)).  Default: config.mean_recurrence.
         input_states: the initial latent state [batch, seq, embed] (else drawn with rng 'state').
         init_scale: multiplies the state-init std (default config.init_scale; 0 gives a zero state).
         positions: RoPE positions [batch, seq] (default 0..seq-1).
