@@ -1,24 +1,18 @@
-"""Training entry point: `python train.py --config=configs/tiny.py --workdir=DIR [--config.field=value ...]`.
-
-Only the configuration and model construction are wired so far; the training loop arrives with the training issue.
-"""
-
-import sys
+"""Training: `python train.py --config=configs/tiny.py --workdir=DIR [--config.some.field=value ...]`."""
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from recurrent_depth.config import ModelConfig
+from recurrent_depth.train_loop import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Path to an ml_collections config file.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs.")
+_WORKDIR = flags.DEFINE_string("workdir", "workdir", "Directory for metrics, checkpoints and logs.")
 
 
 def main(argv):
-    del argv
-    model_config = ModelConfig.from_dict(_CONFIG.value.model)
-    print(model_config)
-    sys.exit("train.py: the training loop is not implemented yet (see the training issue).")
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    train(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

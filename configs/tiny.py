@@ -2,13 +2,12 @@
 
 import ml_collections
 
-from recurrent_depth.config import model_config_dict
+from recurrent_depth.config import base_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict()
-    config.seed = 0
-    config.model = model_config_dict(
+    config = base_config()
+    config.model.update(
         vocab_size=512,
         hidden_size=64,
         num_heads=4,
@@ -20,4 +19,6 @@ def get_config() -> ml_collections.ConfigDict:
         mean_recurrence=8,
         mean_backprop_depth=2,
     )
+    config.train.update(steps=200, batch_size=8, seq_len=64, log_every=10)
+    config.train.optimizer.update(peak_learning_rate=3e-3, warmup_steps=20, weight_decay=1e-4)
     return config

@@ -10,6 +10,8 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 
+from recurrent_depth.sharding import DEFAULT_RULES
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -152,3 +154,49 @@ def model_config_dict(**overrides) -> ml_collections.ConfigDict:
     for name, kind in (("head_dim", int), ("state_init_std", float)):
         values[name] = ml_collections.config_dict.placeholder(kind) if values[name] is None else values[name]
     return ml_collections.ConfigDict(values)
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every section a run needs with its defaults; files in configs/ start from this and override fields."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.model = model_config_dict()
+
+    config.train = train = ml_collections.ConfigDict()
+    train.steps = 1000
+    train.batch_size = 8  # global batch, sequences
+    train.seq_len = 128
+    train.microbatches = 1  # gradient accumulation: batch_size must be divisible by it
+    train.log_every = 10
+    train.z_loss = 0.0
+    train.skip_nonfinite = True  # False: stop at the first non-finite gradient
+    train.peak_flops = 0.0  # per device, for MFU; 0 measures a large matmul on this machine
+    train.depth = ml_collections.ConfigDict(
+        {"kind": "poisson-lognormal", "sigma": 0.5, "n": ml_collections.config_dict.placeholder(int),
+         "k": ml_collections.config_dict.placeholder(int)})
+    train.optimizer = ml_collections.ConfigDict({
+        "name": "ellis_adam",  # or "adamw"
+        "peak_learning_rate": 4e-5,
+        "schedule": "constant",  # constant (linear warmup then constant, the paper), cosine, wsd
+        "warmup_steps": 100,
+        "decay_steps": ml_collections.config_dict.placeholder(int),  # wsd only
+        "end_learning_rate": 0.0,
+        "weight_decay": 4e-5,
+        "b1": 0.9,
+        "b2": 0.95,
+        "eps": 1e-6,
+        "grad_clip_norm": 1.0,
+    })
+
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.shape = (1, -1, 1)  # (data, fsdp, tensor); one size may be -1 = the rest of the devices
+    config.mesh.rules = DEFAULT_RULES
+
+    config.distributed = ml_collections.ConfigDict()
+    config.distributed.coordinator_address = ml_collections.config_dict.placeholder(str)
+    config.distributed.num_processes = ml_collections.config_dict.placeholder(int)
+    config.distributed.process_id = ml_collections.config_dict.placeholder(int)
+
+    config.data = ml_collections.ConfigDict()
+    config.data.kind = "synthetic"  # a learnable synthetic sequence task (see recurrent_depth.synthetic)
+    return config

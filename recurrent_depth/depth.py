@@ -71,12 +71,19 @@ def fixed_num_steps(n: int, k: int) -> tuple[jax.Array, jax.Array]:
 
 
 def make_depth_sampler(
-    kind: str, mean_recurrence: int, mean_backprop_depth: int, *, seed: int = 0, sigma: float = 0.5
+    kind: str,
+    mean_recurrence: int,
+    mean_backprop_depth: int,
+    *,
+    seed: int = 0,
+    sigma: float = 0.5,
+    n: int | None = None,
+    k: int | None = None,
 ) -> DepthSampler:
     """Callable step -> (n, k) int32 scalars, usable inside jit with a traced step.
 
     'poisson-lognormal': `sample_num_steps(seed, step, ...)` (the paper's training scheme);
-    'fixed': r = mean_recurrence every step, i.e. n = max(r̄ - k̄, 0), k = min(k̄, r̄)
+    'fixed': the given (n, k) every step, by default r = mean_recurrence, i.e. n = max(r̄ - k̄, 0), k = min(k̄, r̄)
     (r̄ = k̄ = 1 is the non-recurrent baseline).
     """
     if kind not in DEPTH_KINDS:
@@ -86,8 +93,12 @@ def make_depth_sampler(
     _check_int("seed", seed, minimum=0)
     _check_sigma(sigma)
     if kind == "fixed":
-        n, k = max(mean_recurrence - mean_backprop_depth, 0), min(mean_backprop_depth, mean_recurrence)
+        n = max(mean_recurrence - mean_backprop_depth, 0) if n is None else n
+        k = min(mean_backprop_depth, mean_recurrence) if k is None else k
+        fixed_num_steps(n, k)  # validates
         return lambda step: fixed_num_steps(n, k)
+    if n is not None or k is not None:
+        raise ValueError(f"n and k are only used by kind='fixed', got n={n!r}, k={k!r} for {kind!r}")
     return functools.partial(
         sample_num_steps,
         seed,

@@ -1,24 +1,20 @@
 """Shared fixtures: the tiny reference checkpoints and compiled functions reused across tests."""
 
+import os
 from pathlib import Path
 
+# Eight fake CPU devices for the sharding tests; must be set before jax starts its backend.
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+
 import jax
-import numpy as np
 import pytest
 
+from helpers import assert_close, load_config  # noqa: F401  (re-exported for the tests)
 from recurrent_depth.hf import from_huggingface
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY = FIXTURES / "huginn-tiny"
 TINY_242 = FIXTURES / "huginn-tiny-242"
-
-
-def assert_close(actual, expected, rtol=1e-5, name=""):
-    """Max error relative to the reference's largest magnitude (the project's parity criterion)."""
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
-    err = np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-30)
-    assert err <= rtol, f"{name}: max relative error {err:.3g} > {rtol:.1g}"
 
 
 @pytest.fixture(scope="session")
@@ -40,3 +36,4 @@ def tiny_forward(tiny):
 
     forward.traces = traces
     return forward
+

@@ -1,8 +1,6 @@
 """Config schema, validation messages and the shipped configs."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -12,14 +10,7 @@ import pytest
 
 from recurrent_depth import ConfigError, ModelConfig, RecurrentDepthLM, init_params
 
-CONFIGS = Path(__file__).parent.parent / "configs"
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from conftest import load_config as _load
 
 
 @pytest.mark.parametrize("changes, field", [

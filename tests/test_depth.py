@@ -92,6 +92,9 @@ def test_fixed_and_factory():
     assert tuple(map(int, fixed(jnp.int32(5)))) == (24, 8)
     assert tuple(map(int, make_depth_sampler("fixed", 1, 1)(0))) == (0, 1)  # non-recurrent baseline
     assert tuple(map(int, make_depth_sampler("fixed", 4, 8)(0))) == (0, 4)
+    assert tuple(map(int, make_depth_sampler("fixed", 32, 8, n=5, k=3)(7))) == (5, 3)
+    with pytest.raises(ValueError, match="only used by kind='fixed'"):
+        make_depth_sampler("poisson-lognormal", 32, 8, n=5)
     sampler = make_depth_sampler("poisson-lognormal", R_BAR, K_BAR, seed=SEED, sigma=SIGMA)
     assert tuple(map(int, sampler(11))) == tuple(map(int, sample_num_steps(SEED, 11, R_BAR, K_BAR, SIGMA)))
 

@@ -1,0 +1,180 @@
+"""The sharded train step: randomized depth, truncated backprop, gradient accumulation, the paper's optimizer.
+
+`Trainer` builds everything from a config (mesh, model, optimizer, sharded state) and exposes one compiled
+`step(state, batch) -> (state, metrics)` that serves every sampled (n, k): n and k are traced values drawn
+inside the step from (seed, step), identical on every host without communication.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from recurrent_depth import sharding
+from recurrent_depth.config import ModelConfig
+from recurrent_depth.depth import make_depth_sampler
+from recurrent_depth.losses import IGNORE_INDEX
+from recurrent_depth.model import RecurrentDepthLM, init_params
+from recurrent_depth.optim import make_optimizer, make_schedule
+
+BATCH_KEYS = ("inputs", "labels", "segment_ids", "positions")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: Any
+    opt_state: Any
+
+
+def build_optimizer(config: ml_collections.ConfigDict, total_steps: int):
+    """(optax transformation, schedule) from `config.train.optimizer`; non-finite updates are skipped and counted."""
+    opt = config
+    schedule = make_schedule(opt.schedule, opt.peak_learning_rate, opt.warmup_steps, total_steps,
+                             decay_steps=opt.decay_steps, end_value=opt.end_learning_rate)
+    tx = make_optimizer(opt.name, schedule, peak_learning_rate=opt.peak_learning_rate,
+                        weight_decay=opt.weight_decay, b1=opt.b1, b2=opt.b2, eps=opt.eps,
+                        grad_clip_norm=opt.grad_clip_norm)
+    # Skips (and counts) updates whose gradients are not finite; never gives up and applies them.
+    return optax.apply_if_finite(tx, max_consecutive_errors=2**30), schedule
+
+
+def build_depth_sampler(config: ml_collections.ConfigDict, model_config: ModelConfig, seed: int):
+    depth = config
+    if depth.kind == "fixed" and depth.k is not None and depth.k > model_config.mean_backprop_depth:
+        raise ValueError(f"train.depth.k={depth.k} exceeds model.mean_backprop_depth="
+                         f"{model_config.mean_backprop_depth}, the most gradient iterations one compiled step runs")
+    extra = {"n": depth.n, "k": depth.k} if depth.kind == "fixed" else {}
+    return make_depth_sampler(depth.kind, model_config.mean_recurrence, model_config.mean_backprop_depth,
+                              seed=seed, sigma=depth.sigma, **extra)
+
+
+def _token_losses(logits, labels, z_loss: float):
+    """Sums over counted tokens: (cross-entropy + z_loss * logsumexp^2, cross-entropy, count)."""
+    valid = labels != IGNORE_INDEX
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    label_logit = jnp.take_along_axis(logits, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
+    ce = jnp.where(valid, lse - label_logit, 0.0).sum()
+    total = ce + z_loss * jnp.where(valid, lse**2, 0.0).sum() if z_loss else ce
+    return total, ce, valid.sum()
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Mesh, model, optimizer and the compiled, sharded train step for one config."""
+
+    config: ml_collections.ConfigDict
+    mesh: Mesh
+
+    def __post_init__(self):
+        cfg = self.config
+        self.model_config = ModelConfig.from_dict(cfg.model)
+        self.model = RecurrentDepthLM(self.model_config)
+        self.rules = sharding.rules_from_config(cfg.mesh.rules)
+        train = cfg.train
+        if train.batch_size % train.microbatches:
+            raise ValueError(f"train.batch_size ({train.batch_size}) must be divisible by train.microbatches "
+                             f"({train.microbatches})")
+        if train.seq_len > self.model_config.max_seq_len:
+            raise ValueError(f"train.seq_len ({train.seq_len}) exceeds model.max_seq_len "
+                             f"({self.model_config.max_seq_len})")
+        batch_shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        if (train.batch_size // train.microbatches) % batch_shards:
+            raise ValueError(f"the microbatch size ({train.batch_size // train.microbatches}) must be divisible by "
+                             f"the data x fsdp mesh size ({batch_shards})")
+        self.tx, self.schedule = build_optimizer(train.optimizer, train.steps)
+        self.depth_sampler = build_depth_sampler(train.depth, self.model_config, cfg.seed)
+        self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
+        self.state_shardings = self._state_shardings()
+        self.compilations = 0
+        self._step = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
+                             out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
+                             donate_argnums=0)
+
+    def _context(self) -> contextlib.ExitStack:
+        """Mesh and logical rules in scope, so the model's activation constraints apply while tracing."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(nn.logical_axis_rules(self.rules))
+        return stack
+
+    def _state_shardings(self) -> TrainState:
+        boxed = jax.eval_shape(lambda: init_params(self.model, jax.random.key(0)))
+        param_shardings = sharding.logical_shardings(boxed, self.mesh, self.rules)
+        opt_shapes = jax.eval_shape(self.tx.init, nn.meta.unbox(boxed))
+        opt_shardings = optax.tree_map_params(self.tx, lambda _, s: s, opt_shapes, param_shardings,
+                                              transform_non_params=lambda _: sharding.replicated(self.mesh))
+        return TrainState(step=sharding.replicated(self.mesh), params=param_shardings, opt_state=opt_shardings)
+
+    def init_state(self, rng: jax.Array | None = None) -> TrainState:
+        """Freshly initialised, sharded parameters and optimizer state (seeded by config.seed by default)."""
+        rng = jax.random.key(self.config.seed) if rng is None else rng
+
+        def init(key):
+            params = nn.meta.unbox(init_params(self.model, key))
+            return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
+
+        with self._context():
+            return jax.jit(init, out_shardings=self.state_shardings)(rng)
+
+    def _loss_and_grads(self, params, batch, n, k, rng):
+        def loss_fn(p):
+            out = self.model.apply({"params": p}, batch["inputs"], num_steps=(n, k),
+                                   segment_ids=batch.get("segment_ids"), positions=batch.get("positions"),
+                                   rngs={"state": rng})
+            total, ce, count = _token_losses(out.logits, batch["labels"], self.config.train.z_loss)
+            return total, (ce, count)
+
+        return jax.grad(loss_fn, has_aux=True)(params)
+
+    def _train_step(self, state: TrainState, batch: dict):
+        self.compilations += 1  # runs only while tracing
+        n, k = self.depth_sampler(state.step)
+        rng = jax.random.fold_in(jax.random.key(self.config.seed), state.step)
+        m = self.config.train.microbatches
+        if m == 1:
+            grads, (ce, count) = self._loss_and_grads(state.params, batch, n, k, rng)
+        else:
+            # [batch, ...] -> [micro, batch / micro, ...], keeping each device's rows local.
+            micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // m, m, *x.shape[1:]).swapaxes(0, 1), batch)
+
+            def accumulate(carry, xs):
+                index, mb = xs
+                g, (c, t) = self._loss_and_grads(state.params, mb, n, k, jax.random.fold_in(rng, index))
+                return jax.tree.map(jnp.add, carry, (g, c, t)), None
+
+            zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+            (grads, ce, count), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(m), micro))
+        denom = jnp.maximum(count, 1).astype(jnp.float32)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": ce / denom,
+            "grad_norm": grad_norm,
+            "lr": self.schedule(state.step),
+            "num_steps_no_grad": n,
+            "num_steps_with_grad": k,
+            "tokens": count,
+            "nonfinite": ~jnp.isfinite(grad_norm),
+            "skipped_updates": opt_state.total_notfinite,
+        }
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        """One optimizer step on a global batch {inputs, labels[, segment_ids, positions]} of [batch, seq] arrays."""
+        unknown = set(batch) - set(BATCH_KEYS)
+        if unknown:
+            raise ValueError(f"unknown batch keys {sorted(unknown)}; expected {BATCH_KEYS}")
+        with self._context():
+            return self._step(state, sharding.global_batch(batch, self.batch_sharding))

@@ -1,0 +1,47 @@
+"""Test helpers without pytest, importable by worker processes too."""
+
+import importlib.util
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+CONFIGS = Path(__file__).parent.parent / "configs"
+
+
+def load_config(name: str):
+    """configs/<name>.py's get_config()."""
+    spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def assert_close(actual, expected, rtol=1e-5, name=""):
+    """Max error relative to the reference's largest magnitude (the project's parity criterion)."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
+    err = np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-30)
+    assert err <= rtol, f"{name}: max relative error {err:.3g} > {rtol:.1g}"
+
+
+def small_config():
+    """The tiny config at a size every mesh axis divides: fast, and with real updates from the first step."""
+    config = load_config("tiny")
+    config.train.update(batch_size=8, seq_len=32, steps=50, log_every=5)
+    config.train.optimizer.update(warmup_steps=0, peak_learning_rate=1e-2)
+    return config
+
+
+def run_steps(trainer, batches, steps):
+    """Runs `steps` train steps; returns the losses and a replicated checksum of the final parameters."""
+    state = trainer.init_state()
+    losses = []
+    for _ in range(steps):
+        state, metrics = trainer.step(state, next(batches))
+        losses.append(float(metrics["loss"]))
+    replicated = jax.sharding.NamedSharding(trainer.mesh, jax.sharding.PartitionSpec())
+    checksum = jax.jit(lambda p: sum(jnp.sum(x.astype(jnp.float32) ** 2) for x in jax.tree.leaves(p)),
+                       out_shardings=replicated)(state.params)
+    return losses, float(checksum)

@@ -1,0 +1,176 @@
+"""The sharded train step: sharded == single device, one compilation for every (n, k), accumulation,
+non-finite handling, multi-host, and the training loop."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import portpicker
+import pytest
+
+from helpers import assert_close, load_config, run_steps, small_config
+from recurrent_depth import flops
+from recurrent_depth.config import ModelConfig
+from recurrent_depth.sharding import make_mesh, resolve_mesh_shape
+from recurrent_depth.synthetic import progression_batches
+from recurrent_depth.train_loop import local_batches, train
+from recurrent_depth.training import Trainer, _token_losses
+
+
+def _batch(config, step=0):
+    return next(progression_batches(config.train.batch_size, config.train.seq_len, config.model.vocab_size,
+                                    seed=0, start_step=step))
+
+
+def _smooth_optimizer_config():
+    """small_config with an optimizer whose update is smooth in the gradient (adamw, eps = 1: ~ lr * g).
+
+    Sharded (or accumulated) and single-device gradients agree to ~1e-6 relative, but Adam-type first steps normalise each
+    element by |g| + eps, which turns that noise into large differences where |g| is ~eps. A large eps keeps
+    the comparison of updated parameters a comparison of gradients.
+    """
+    config = small_config()
+    config.train.optimizer.update(name="adamw", eps=1.0, peak_learning_rate=1.0)
+    return config
+
+
+@pytest.fixture(scope="module")
+def single_device_step():
+    """(metrics, params) after one step of small_config on one device."""
+    config = _smooth_optimizer_config()
+    trainer = Trainer(config, make_mesh((1, 1, 1), jax.devices()[:1]))
+    state = trainer.init_state()
+    initial = jax.device_get(state.params)
+    state, metrics = trainer.step(state, _batch(config))
+    return jax.device_get(metrics), jax.device_get(state.params), initial
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 2), (1, 8, 1)])
+def test_sharded_step_equals_single_device(shape, single_device_step):
+    metrics_1, params_1, initial = single_device_step
+    config = _smooth_optimizer_config()
+    trainer = Trainer(config, make_mesh(shape))
+    state = trainer.init_state()
+    assert trainer.state_shardings.params["core"]["layers_0"]["mlp"]["fc"].spec != jax.sharding.PartitionSpec()
+    state, metrics = trainer.step(state, _batch(config))
+    assert_close(metrics["loss"], metrics_1["loss"], rtol=1e-6, name="loss")
+    assert_close(metrics["grad_norm"], metrics_1["grad_norm"], rtol=1e-6, name="gradient norm")
+    assert int(metrics["num_steps_no_grad"]) == int(metrics_1["num_steps_no_grad"])
+    moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(params_1), jax.tree.leaves(initial)))
+    assert moved > 1e-3  # the step really updated the parameters
+    for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(params_1)):
+        assert_close(a, b, rtol=1e-5, name="updated parameters")
+
+
+def test_ten_steps_with_different_depths_compile_once():
+    config = small_config()
+    trainer = Trainer(config, make_mesh((1, 1, 1), jax.devices()[:1]))
+    state = trainer.init_state()
+    batches = progression_batches(8, 32, config.model.vocab_size, seed=0)
+    depths = set()
+    for _ in range(10):
+        state, metrics = trainer.step(state, next(batches))
+        depths.add((int(metrics["num_steps_no_grad"]), int(metrics["num_steps_with_grad"])))
+    assert len(depths) > 3  # the sampled (n, k) really changed
+    assert trainer.compilations == 1
+
+
+def test_gradient_accumulation_equals_the_full_batch():
+    results = []
+    for microbatches in (1, 4):
+        config = _smooth_optimizer_config()
+        config.model.init_scale = 0.0  # the initial state is then the same for any split of the batch
+        config.train.microbatches = microbatches
+        trainer = Trainer(config, make_mesh((1, 1, 1), jax.devices()[:1]))
+        state, metrics = trainer.step(trainer.init_state(), _batch(config))
+        results.append((jax.device_get(metrics), jax.device_get(state.params)))
+    assert_close(results[1][0]["loss"], results[0][0]["loss"], rtol=1e-6, name="loss")
+    assert_close(results[1][0]["grad_norm"], results[0][0]["grad_norm"], rtol=1e-5, name="grad norm")
+    for a, b in zip(jax.tree.leaves(results[1][1]), jax.tree.leaves(results[0][1])):
+        assert_close(a, b, rtol=1e-5, name="parameters")
+
+
+def test_nonfinite_gradients_skip_the_update_and_are_counted():
+    config = small_config()
+    trainer = Trainer(config, make_mesh((1, 1, 1), jax.devices()[:1]))
+    state = trainer.init_state()
+    params = jax.device_get(state.params)
+    params["ln_f"]["scale"] = params["ln_f"]["scale"].copy()
+    params["ln_f"]["scale"][0] = np.nan
+    state = state.replace(params=jax.device_put(params, trainer.state_shardings.params))
+    state, metrics = trainer.step(state, _batch(config))
+    assert bool(metrics["nonfinite"]) and int(metrics["skipped_updates"]) == 1
+    after = jax.device_get(state.params)
+    np.testing.assert_array_equal(after["core"]["adapter"], params["core"]["adapter"])
+
+
+def test_z_loss_and_ignored_labels():
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(2, 5, 7)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 7, (2, 5)))
+    labels = labels.at[0, :2].set(-100)
+    total, ce, count = _token_losses(logits, labels, z_loss=1e-2)
+    lse = np.log(np.exp(np.asarray(logits)).sum(-1))
+    picked = np.take_along_axis(np.asarray(logits), np.maximum(np.asarray(labels), 0)[..., None], -1)[..., 0]
+    valid = np.asarray(labels) != -100
+    assert int(count) == valid.sum()
+    np.testing.assert_allclose(ce, ((lse - picked) * valid).sum(), rtol=1e-5)
+    np.testing.assert_allclose(total, ((lse - picked + 1e-2 * lse**2) * valid).sum(), rtol=1e-5)
+
+
+def test_flop_count_knows_the_recurrence():
+    huginn = ModelConfig.from_dict(load_config("huginn_3p5b").model)
+    # Reference §1.1: ~0.11 TFLOP per token at r = 32 (short sequences, attention negligible).
+    assert flops.forward_flops_per_token(huginn, 1, 32) == pytest.approx(0.11e12, rel=0.03)
+    it = flops.iteration_flops(huginn, 4096)
+    base = flops.train_flops_per_token(huginn, 4096, 24, 8)
+    assert flops.train_flops_per_token(huginn, 4096, 25, 8) - base == pytest.approx(it)  # forward only
+    assert flops.train_flops_per_token(huginn, 4096, 24, 9) - base == pytest.approx(3 * it)  # forward + backward
+
+
+def test_mesh_shape_resolution_and_errors():
+    assert resolve_mesh_shape((1, -1, 2), 8) == (1, 4, 2)
+    with pytest.raises(ValueError, match="needs 16 devices"):
+        resolve_mesh_shape((2, 4, 2), 8)
+    with pytest.raises(ValueError, match="at most one -1"):
+        resolve_mesh_shape((-1, -1, 1), 8)
+    config = small_config()
+    config.train.batch_size = 6
+    with pytest.raises(ValueError, match="divisible by the data x fsdp mesh size"):
+        Trainer(config, make_mesh((1, 8, 1)))
+
+
+def test_training_loop_loss_falls_and_metrics_are_written(tmp_path):
+    config = small_config()
+    config.train.update(steps=60, log_every=10, peak_flops=1e12)
+    config.train.optimizer.update(warmup_steps=5, peak_learning_rate=3e-3)
+    config.mesh.shape = (1, -1, 1)  # all eight test devices
+    train(config, tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [10, 20, 30, 40, 50, 60]
+    for key in ("step", "loss", "grad_norm", "lr", "num_steps_no_grad", "num_steps_with_grad", "tokens_per_sec", "mfu"):
+        assert all(key in r for r in records), key
+    assert records[-1]["loss"] < records[0]["loss"] - 1.0  # the progression task is learnable
+    assert all(r["tokens_per_sec"] > 0 and 0 < r["mfu"] < 1 for r in records)
+
+
+@pytest.mark.slow
+def test_two_processes_agree_with_one(tmp_path):
+    """Two processes x 4 CPU devices (jax.distributed over localhost) == one process x 8 devices."""
+    port = portpicker.pick_unused_port()
+    worker = Path(__file__).parent / "multihost_worker.py"
+    out = tmp_path / "result.json"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "XLA_FLAGS"}
+    procs = [subprocess.Popen([sys.executable, str(worker), str(port), str(i), str(out)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+    logs = [p.communicate(timeout=300)[0].decode() for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-3000:]
+    result = json.loads(out.read_text())
+    config = small_config()
+    losses, checksum = run_steps(Trainer(config, make_mesh((2, 2, 2))), local_batches(config, 0), steps=3)
+    np.testing.assert_allclose(result["losses"], losses, rtol=1e-6)
+    np.testing.assert_allclose(result["checksum"], checksum, rtol=1e-6)
