@@ -1,15 +1,19 @@
-"""Parameter-only checkpoints (for inference and conversion): an Orbax tree plus the model config as JSON.
+"""Checkpoints: parameter-only ones for inference and conversion, and training ones with exact resume.
 
-Layout of DIR: `model_config.json` and `params/` (an Orbax StandardCheckpointer directory, written atomically).
+A parameter checkpoint DIR holds `model_config.json` and `params/` (an Orbax directory, written atomically).
+A training workdir holds `config.json` (the resolved run config) and `checkpoints/<step>/` with the train state
+and the data-iterator state.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import flax.linen as nn
+import grain
 import jax
 import orbax.checkpoint as ocp
 
@@ -20,6 +24,8 @@ from recurrent_depth.model import RecurrentDepthLM, init_params
 
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
+RUN_CONFIG_FILE = "config.json"  # in a train.py workdir, beside CHECKPOINTS_DIR
+CHECKPOINTS_DIR = "checkpoints"
 
 
 def abstract_params(config: ModelConfig, shardings=None):
@@ -62,18 +68,96 @@ def load_params(path: str | os.PathLike, shardings=None) -> tuple[RecurrentDepth
     return RecurrentDepthLM(config), params
 
 
+def load_workdir_params(workdir: str | os.PathLike) -> tuple[RecurrentDepthLM, dict]:
+    """The parameters of the newest checkpoint of a train.py workdir, restored onto one device."""
+    import ml_collections
+
+    from recurrent_depth.sharding import make_mesh
+    from recurrent_depth.training import Trainer
+
+    workdir = Path(workdir)
+    config = ml_collections.ConfigDict(json.loads((workdir / RUN_CONFIG_FILE).read_text()))
+    config.mesh.shape = (1, 1, 1)
+    trainer = Trainer(config, make_mesh((1, 1, 1), jax.devices()[:1]))
+    checkpointer = TrainCheckpointer(workdir / CHECKPOINTS_DIR, every=1, keep=1 << 30, async_save=False)
+    try:
+        state = checkpointer.restore_latest(trainer.abstract_state())
+    finally:
+        checkpointer.close()
+    if state is None:
+        raise FileNotFoundError(f"no checkpoint in {workdir / CHECKPOINTS_DIR}")
+    return trainer.model, state.params
+
+
 def load_model(path: str | os.PathLike, dtype: str | None = None) -> tuple[RecurrentDepthLM, dict]:
-    """Loads either a Hugging Face checkpoint directory (config.json) or a parameter checkpoint (model_config.json)."""
+    """Loads a Hugging Face checkpoint directory (config.json), a parameter checkpoint (model_config.json) or the
+    newest checkpoint of a train.py workdir (config.json + checkpoints/)."""
     path = Path(path)
-    if (path / HF_CONFIG_FILE).exists():
+    if (path / RUN_CONFIG_FILE).exists() and (path / CHECKPOINTS_DIR).is_dir():
+        model, params = load_workdir_params(path)
+    elif (path / HF_CONFIG_FILE).exists():
         return from_huggingface(path, dtype=dtype or "float32")
-    if (path / CONFIG_FILE).exists():
+    elif (path / CONFIG_FILE).exists():
         model, params = load_params(path)
+    else:
+        model = None
+    if model is not None:
         if dtype is not None:
             params = jax.tree.map(lambda x: x.astype(dtype), params)
             model = RecurrentDepthLM(model.config.replace(dtype=dtype, param_dtype=dtype))
         return model, params
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    raise FileNotFoundError(f"{path} holds neither {HF_CONFIG_FILE} (Hugging Face format) nor {CONFIG_FILE} "
-                            "(parameter checkpoint)")
+    raise FileNotFoundError(f"{path} is neither a Hugging Face checkpoint ({HF_CONFIG_FILE}), a parameter "
+                            f"checkpoint ({CONFIG_FILE}) nor a train.py workdir ({RUN_CONFIG_FILE} + {CHECKPOINTS_DIR}/)")
+
+
+class TrainCheckpointer:
+    """Orbax checkpoints of the train state and the data-iterator state under one directory.
+
+    Saves every `every` steps (asynchronously if asked), keeps the newest `keep` (plus every `keep_every`-th);
+    each checkpoint is committed atomically by Orbax, so a crash mid-save leaves the previous one intact.
+    """
+
+    def __init__(self, directory: str | os.PathLike, every: int, keep: int, keep_every: int = 0,
+                 async_save: bool = True):
+        if every <= 0 or keep <= 0:
+            raise ValueError(f"checkpoint.every ({every}) and checkpoint.keep ({keep}) must be positive")
+        options = ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=keep,
+                                               keep_period=keep_every or None,
+                                               enable_async_checkpointing=async_save, create=True)
+        self.directory = Path(directory).absolute()
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def save(self, step: int, state, iterator, force: bool = False) -> bool:
+        """Saves if `step` is due (or `force`); returns whether a save started."""
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator))
+        return self.manager.save(step, args=args, force=force)
+
+    def restore_latest(self, abstract_state, iterator=None):
+        """The newest readable checkpoint's state (restored onto `abstract_state`'s shardings, so the mesh may
+        differ from the one that saved), with `iterator` (if given) rewound to it; None if there is no checkpoint.
+        An unreadable checkpoint is skipped with a warning; if none can be read, CheckpointError."""
+        errors = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            items = {"state": ocp.args.StandardRestore(abstract_state)}
+            if iterator is not None:
+                items["data"] = grain.checkpoint.CheckpointRestore(iterator)
+            try:
+                restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+            except Exception as err:  # noqa: BLE001 - any unreadable checkpoint falls back to the previous one
+                warnings.warn(f"checkpoint {self.directory / str(step)} is unreadable ({type(err).__name__}: "
+                              f"{str(err)[:300]}); trying the previous one")
+                errors.append(f"step {step}: {err}")
+                continue
+            return restored.state
+        if errors:
+            raise CheckpointError(f"no checkpoint in {self.directory} could be restored (does it belong to "
+                                  f"this config?):\n" + "\n".join(e[:500] for e in errors))
+        return None
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()

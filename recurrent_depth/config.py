@@ -156,6 +156,18 @@ def model_config_dict(**overrides) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(values)
 
 
+def data_config() -> ml_collections.ConfigDict:
+    """Defaults of the `data` config section."""
+    config = ml_collections.ConfigDict()
+    config.kind = "synthetic"  # 'synthetic' (built-in learnable task) or 'mixture' (of config.sources)
+    # Each source: {kind: text|jsonl|array_record, paths: glob or list, weight: float, text_field: 'text'}.
+    config.sources = ()
+    config.eval_sources = ()  # held-out sources for the periodic evaluation (synthetic: another seed)
+    config.tokenizer = ml_collections.ConfigDict({"kind": "sentencepiece", "path": ""})
+    config.document_masking = True  # attention and targets stay within documents (the original has no masking)
+    return config
+
+
 def base_config() -> ml_collections.ConfigDict:
     """Every section a run needs with its defaults; files in configs/ start from this and override fields."""
     config = ml_collections.ConfigDict()
@@ -197,6 +209,16 @@ def base_config() -> ml_collections.ConfigDict:
     config.distributed.num_processes = ml_collections.config_dict.placeholder(int)
     config.distributed.process_id = ml_collections.config_dict.placeholder(int)
 
-    config.data = ml_collections.ConfigDict()
-    config.data.kind = "synthetic"  # a learnable synthetic sequence task (see recurrent_depth.synthetic)
+    config.data = data_config()
+
+    config.checkpoint = ml_collections.ConfigDict()
+    config.checkpoint.every = 100  # steps between checkpoints (one is also written at the end and on SIGTERM)
+    config.checkpoint.keep = 3  # newest checkpoints kept
+    config.checkpoint.keep_every = 0  # also keep every N-th step's checkpoint forever (0: none)
+    config.checkpoint.async_save = True
+
+    config.eval = ml_collections.ConfigDict()
+    config.eval.every = 0  # steps between held-out evaluations (0: never)
+    config.eval.num_steps = (1, 4, 8, 16, 32, 64)  # recurrences evaluated, as the original did in training
+    config.eval.batches = 4
     return config

@@ -1,7 +1,10 @@
-"""Checkpoint conversion between the original's Hugging Face format and Orbax parameter checkpoints.
+"""Checkpoint conversion between the original's Hugging Face format, Orbax parameter checkpoints and train.py
+workdirs (their newest checkpoint).
 
-  python -m recurrent_depth.convert hf-to-orbax HF_DIR OUT_DIR [--dtype bfloat16]
-  python -m recurrent_depth.convert orbax-to-hf ORBAX_DIR OUT_DIR [--max-shard-gb 5]
+  python -m recurrent_depth.convert to-params SRC OUT_DIR [--dtype bfloat16]   # parameters alone, for inference
+  python -m recurrent_depth.convert to-hf SRC OUT_DIR [--max-shard-gb 5] [--dtype float32]
+
+SRC is a Hugging Face checkpoint directory, a parameter checkpoint or a train.py workdir.
 """
 
 from __future__ import annotations
@@ -10,48 +13,36 @@ import argparse
 import sys
 
 import jax
-import jax.numpy as jnp
 
-from recurrent_depth.checkpoint import load_params, save_params
+from recurrent_depth.checkpoint import load_model, save_params
 from recurrent_depth.config import DTYPES
-from recurrent_depth.hf import CheckpointError, from_huggingface, to_huggingface
-
-
-def _count(params) -> int:
-    return sum(x.size for x in jax.tree.leaves(params))
+from recurrent_depth.hf import CheckpointError, to_huggingface
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m recurrent_depth.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    to_orbax = sub.add_parser("hf-to-orbax", help="Hugging Face checkpoint directory -> Orbax parameter checkpoint")
-    to_orbax.add_argument("src")
-    to_orbax.add_argument("dst")
-    to_orbax.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    to_hf = sub.add_parser("orbax-to-hf", help="Orbax parameter checkpoint -> Hugging Face checkpoint directory")
-    to_hf.add_argument("src")
-    to_hf.add_argument("dst")
+    to_params = sub.add_parser("to-params", help="write an Orbax parameter checkpoint")
+    to_hf = sub.add_parser("to-hf", help="write a Hugging Face checkpoint directory (the original's format)")
+    for p in (to_params, to_hf):
+        p.add_argument("src")
+        p.add_argument("dst")
+        p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="cast the parameters")
     to_hf.add_argument("--max-shard-gb", type=float, default=5.0, help="shard safetensors above this size")
-    to_hf.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="cast parameters before writing")
     args = parser.parse_args(argv)
+    if args.command == "to-hf" and args.max_shard_gb <= 0:
+        parser.error("--max-shard-gb must be positive")
     try:
-        if args.command == "hf-to-orbax":
-            model, params = from_huggingface(args.src, dtype=args.dtype)
+        model, params = load_model(args.src, dtype=args.dtype)
+        if args.command == "to-params":
             save_params(args.dst, model.config, params)
         else:
-            model, params = load_params(args.src)
-            config = model.config
-            if args.dtype is not None:
-                params = jax.tree.map(lambda x: x.astype(jnp.dtype(args.dtype)), params)
-                config = config.replace(dtype=args.dtype, param_dtype=args.dtype)
-            if args.max_shard_gb <= 0:
-                parser.error("--max-shard-gb must be positive")
-            to_huggingface(config, params, args.dst, max_shard_bytes=int(args.max_shard_gb * 2**30))
+            to_huggingface(model.config, params, args.dst, max_shard_bytes=int(args.max_shard_gb * 2**30))
     except (FileNotFoundError, CheckpointError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(f"wrote {args.dst} ({_count(params):,} parameters)")
+    print(f"wrote {args.dst} ({sum(x.size for x in jax.tree.leaves(params)):,} parameters)")
     return 0
 
 

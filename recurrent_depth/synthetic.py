@@ -12,14 +12,20 @@ from collections.abc import Iterator
 import numpy as np
 
 
+def progression_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int, step: int,
+                      num_strides: int = 8) -> dict:
+    """Batch `step` of the task: {inputs, labels} int32 [batch, seq_len], a pure function of (seed, step)."""
+    rng = np.random.default_rng([seed, step])
+    start = rng.integers(0, vocab_size, (batch_size, 1))
+    stride = rng.integers(1, num_strides + 1, (batch_size, 1))
+    tokens = (start + stride * np.arange(seq_len + 1)) % vocab_size
+    return {"inputs": tokens[:, :-1].astype(np.int32), "labels": tokens[:, 1:].astype(np.int32)}
+
+
 def progression_batches(batch_size: int, seq_len: int, vocab_size: int, seed: int,
-                        num_strides: int = 8, start_step: int = 0) -> Iterator[dict]:
-    """Yields {inputs, labels} int32 [batch, seq_len]; batch i depends only on (seed, i), so resuming is exact."""
+                        start_step: int = 0) -> Iterator[dict]:
+    """Batches start_step, start_step + 1, ... of the task."""
     step = start_step
     while True:
-        rng = np.random.default_rng([seed, step])
-        start = rng.integers(0, vocab_size, (batch_size, 1))
-        stride = rng.integers(1, num_strides + 1, (batch_size, 1))
-        tokens = (start + stride * np.arange(seq_len + 1)) % vocab_size
-        yield {"inputs": tokens[:, :-1].astype(np.int32), "labels": tokens[:, 1:].astype(np.int32)}
+        yield progression_batch(batch_size, seq_len, vocab_size, seed, step)
         step += 1

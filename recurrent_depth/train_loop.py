@@ -1,20 +1,26 @@
-"""The training program behind `train.py`: distributed start-up, the step loop, metrics and progress."""
+"""The training program behind `train.py`: distributed start-up, data, resume, the step loop, checkpoints,
+held-out evaluation at several recurrence counts, metrics and progress."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from tqdm import tqdm
 
-from recurrent_depth import flops, synthetic
+from recurrent_depth import flops
+from recurrent_depth.checkpoint import CHECKPOINTS_DIR, RUN_CONFIG_FILE, TrainCheckpointer
+from recurrent_depth.data import make_dataset
 from recurrent_depth.sharding import make_mesh
-from recurrent_depth.training import Trainer, TrainState
+from recurrent_depth.training import Trainer, TrainState, token_losses
+
 
 def initialize_distributed(config: ml_collections.ConfigDict) -> None:
     """Starts jax.distributed when several processes are configured (config, JAX_* env vars, or a TPU pod)."""
@@ -30,11 +36,10 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> None:
 class MetricsWriter:
     """Appends one JSON object per logged step to <workdir>/metrics.jsonl (process 0 only)."""
 
-    def __init__(self, workdir: str | os.PathLike):
+    def __init__(self, workdir: Path):
         self.enabled = jax.process_index() == 0
         if self.enabled:
-            Path(workdir).mkdir(parents=True, exist_ok=True)
-            self.file = open(Path(workdir) / "metrics.jsonl", "a")
+            self.file = open(workdir / "metrics.jsonl", "a")
 
     def write(self, record: dict) -> None:
         if self.enabled:
@@ -44,18 +49,6 @@ class MetricsWriter:
     def close(self) -> None:
         if self.enabled:
             self.file.close()
-
-
-def local_batches(config: ml_collections.ConfigDict, start_step: int) -> Iterator[dict]:
-    """This process's rows of each global batch (the data issue adds real sources; synthetic is built in)."""
-    if config.data.kind != "synthetic":
-        raise ValueError(f"unknown data.kind {config.data.kind!r}; available: 'synthetic'")
-    t = config.train
-    rows = t.batch_size // jax.process_count()
-    lo = jax.process_index() * rows
-    for batch in synthetic.progression_batches(t.batch_size, t.seq_len, config.model.vocab_size, config.seed,
-                                               start_step=start_step):
-        yield {k: v[lo:lo + rows] for k, v in batch.items()}
 
 
 def summarize(window: list[dict], trainer: Trainer, elapsed: float, peak_flops: float) -> dict:
@@ -77,34 +70,112 @@ def summarize(window: list[dict], trainer: Trainer, elapsed: float, peak_flops: 
     }
 
 
+class HeldOutEval:
+    """Mean held-out loss at each of `num_steps` recurrences; one compilation serves every count."""
+
+    def __init__(self, trainer: Trainer, batches: list[dict], num_steps):
+        self.trainer, self.batches, self.num_steps = trainer, batches, tuple(num_steps)
+        model = trainer.model
+
+        def loss_sums(params, batch, r):
+            out = model.apply({"params": params}, batch["inputs"], num_steps=r, segment_ids=batch.get("segment_ids"),
+                              positions=batch.get("positions"), rngs={"state": jax.random.key(0)})
+            _, ce, count = token_losses(out.logits, batch["labels"], 0.0)
+            return ce, count
+
+        self._loss_sums = jax.jit(loss_sums)
+
+    def __call__(self, params) -> dict:
+        results = {}
+        with self.trainer.context():
+            for r in self.num_steps:
+                sums = [self._loss_sums(params, self.trainer.global_batch(b), jnp.int32(r)) for b in self.batches]
+                ce, count = (sum(float(s[i]) for s in sums) for i in (0, 1))
+                results[f"eval_loss_r{r}"] = ce / max(count, 1)
+        return results
+
+
+class _Preemption:
+    """Notes SIGTERM (preemption) so the loop can save and stop cleanly at the end of the current step."""
+
+    def __init__(self):
+        self.requested = False
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def agreed(self) -> bool:
+        """Whether any process was asked to stop (all processes must stop at the same step)."""
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        return bool(multihost_utils.process_allgather(jnp.asarray(self.requested)).any())
+
+
+def _dataset(config, trainer: Trainer, seed: int, sources=None):
+    return make_dataset(config.data, batch_size=config.train.batch_size, seq_len=config.train.seq_len,
+                        vocab_size=trainer.model_config.vocab_size, seed=seed, process_index=jax.process_index(),
+                        process_count=jax.process_count(), sources=sources)
+
+
+def _held_out(config, trainer: Trainer) -> HeldOutEval | None:
+    if not config.eval.every:
+        return None
+    if config.data.kind == "synthetic":
+        dataset = _dataset(config, trainer, seed=config.seed + 1)  # another seed: problems not trained on
+    elif config.data.eval_sources:
+        dataset = _dataset(config, trainer, seed=config.seed, sources=config.data.eval_sources)
+    else:
+        raise ValueError("eval.every > 0 needs data.eval_sources (held-out data) for a 'mixture' data config")
+    iterator = iter(dataset)
+    return HeldOutEval(trainer, [next(iterator) for _ in range(config.eval.batches)], config.eval.num_steps)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> TrainState:
-    """Trains for config.train.steps steps, logging to <workdir>/metrics.jsonl; returns the final state."""
+    """Trains to config.train.steps, resuming from the newest checkpoint in `workdir`; returns the final state."""
     initialize_distributed(config.distributed)
+    workdir = Path(workdir)
     trainer = Trainer(config, make_mesh(config.mesh.shape))
-    state = trainer.init_state()
+    iterator = iter(_dataset(config, trainer, seed=config.seed))
+    held_out = _held_out(config, trainer)
+    ckpt = config.checkpoint
+    checkpointer = TrainCheckpointer(workdir / CHECKPOINTS_DIR, ckpt.every, ckpt.keep, ckpt.keep_every, ckpt.async_save)
+    state = checkpointer.restore_latest(trainer.abstract_state(), iterator)
+    state = trainer.init_state() if state is None else state
+    if jax.process_index() == 0:
+        (workdir / RUN_CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
     peak = config.train.peak_flops or flops.measure_matmul_peak()
-    writer = MetricsWriter(workdir)
-    start = int(state.step)
-    steps = config.train.steps
-    batches = local_batches(config, start)
+    writer, preemption = MetricsWriter(workdir), _Preemption()
+    steps, start = config.train.steps, int(state.step)
     window, tick = [], time.perf_counter()
     progress = tqdm(total=steps, initial=start, disable=jax.process_index() != 0, desc="train")
     try:
-        for step in range(start, steps):
-            state, metrics = trainer.step(state, next(batches))
+        for step in range(start + 1, steps + 1):
+            state, metrics = trainer.step(state, next(iterator))
             window.append(metrics)
-            if (step + 1) % config.train.log_every == 0 or step + 1 == steps:
+            stop = preemption.agreed()
+            checkpointer.save(step, state, iterator, force=stop or step == steps)
+            if step % config.train.log_every == 0 or step == steps or stop:
                 window = jax.device_get(window)
                 if not config.train.skip_nonfinite and any(bool(m["nonfinite"]) for m in window):
-                    raise FloatingPointError(f"non-finite gradient by step {step + 1} "
+                    raise FloatingPointError(f"non-finite gradient by step {step} "
                                              "(set train.skip_nonfinite=True to skip such updates)")
-                record = {"step": step + 1, **summarize(window, trainer, time.perf_counter() - tick, peak)}
+                record = {"step": step, **summarize(window, trainer, time.perf_counter() - tick, peak)}
                 writer.write(record)
                 progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_sec']:.0f}")
                 window, tick = [], time.perf_counter()
+            if held_out is not None and (step % config.eval.every == 0 or step == steps):
+                writer.write({"step": step, **held_out(state.params)})
             progress.update(1)
+            if stop:
+                break
     finally:
         progress.close()
         writer.close()
+        checkpointer.wait()
+        checkpointer.close()
     return state
 

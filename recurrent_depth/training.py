@@ -58,7 +58,7 @@ def build_depth_sampler(config: ml_collections.ConfigDict, model_config: ModelCo
                               seed=seed, sigma=depth.sigma, **extra)
 
 
-def _token_losses(logits, labels, z_loss: float):
+def token_losses(logits, labels, z_loss: float):
     """Sums over counted tokens: (cross-entropy + z_loss * logsumexp^2, cross-entropy, count)."""
     valid = labels != IGNORE_INDEX
     lse = jax.nn.logsumexp(logits, axis=-1)
@@ -100,7 +100,7 @@ class Trainer:
                              out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
                              donate_argnums=0)
 
-    def _context(self) -> contextlib.ExitStack:
+    def context(self) -> contextlib.ExitStack:
         """Mesh and logical rules in scope, so the model's activation constraints apply while tracing."""
         stack = contextlib.ExitStack()
         stack.enter_context(jax.set_mesh(self.mesh))
@@ -118,20 +118,19 @@ class Trainer:
     def init_state(self, rng: jax.Array | None = None) -> TrainState:
         """Freshly initialised, sharded parameters and optimizer state (seeded by config.seed by default)."""
         rng = jax.random.key(self.config.seed) if rng is None else rng
+        with self.context():
+            return jax.jit(self._init_fn, out_shardings=self.state_shardings)(rng)
 
-        def init(key):
-            params = nn.meta.unbox(init_params(self.model, key))
-            return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
-
-        with self._context():
-            return jax.jit(init, out_shardings=self.state_shardings)(rng)
+    def _init_fn(self, key) -> TrainState:
+        params = nn.meta.unbox(init_params(self.model, key))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
 
     def _loss_and_grads(self, params, batch, n, k, rng):
         def loss_fn(p):
             out = self.model.apply({"params": p}, batch["inputs"], num_steps=(n, k),
                                    segment_ids=batch.get("segment_ids"), positions=batch.get("positions"),
                                    rngs={"state": rng})
-            total, ce, count = _token_losses(out.logits, batch["labels"], self.config.train.z_loss)
+            total, ce, count = token_losses(out.logits, batch["labels"], self.config.train.z_loss)
             return total, (ce, count)
 
         return jax.grad(loss_fn, has_aux=True)(params)
@@ -171,10 +170,20 @@ class Trainer:
         }
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        """One optimizer step on a global batch {inputs, labels[, segment_ids, positions]} of [batch, seq] arrays."""
-        unknown = set(batch) - set(BATCH_KEYS)
+    def abstract_state(self) -> TrainState:
+        """ShapeDtypeStructs with this mesh's shardings: the restore target of a checkpoint."""
+        shapes = jax.eval_shape(self._init_fn, jax.random.key(0))
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                            self.state_shardings)
+
+    def global_batch(self, local_batch: dict) -> dict:
+        """This process's rows as global arrays sharded over the batch axes."""
+        unknown = set(local_batch) - set(BATCH_KEYS)
         if unknown:
             raise ValueError(f"unknown batch keys {sorted(unknown)}; expected {BATCH_KEYS}")
-        with self._context():
-            return self._step(state, sharding.global_batch(batch, self.batch_sharding))
+        return sharding.global_batch(local_batch, self.batch_sharding)
+
+    def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        """One optimizer step on this process's rows {inputs, labels[, segment_ids, positions]} [batch, seq]."""
+        with self.context():
+            return self._step(state, self.global_batch(batch))

@@ -45,3 +45,12 @@ def run_steps(trainer, batches, steps):
     checksum = jax.jit(lambda p: sum(jnp.sum(x.astype(jnp.float32) ** 2) for x in jax.tree.leaves(p)),
                        out_shardings=replicated)(state.params)
     return losses, float(checksum)
+
+
+def local_iterator(config):
+    """This process's batches of config's training data."""
+    from recurrent_depth.data import make_dataset
+
+    return iter(make_dataset(config.data, batch_size=config.train.batch_size, seq_len=config.train.seq_len,
+                             vocab_size=config.model.vocab_size, seed=config.seed,
+                             process_index=jax.process_index(), process_count=jax.process_count()))

@@ -7,10 +7,9 @@ import jax
 
 jax.config.update("jax_num_cpu_devices", 4)
 
-from recurrent_depth.train_loop import local_batches  # noqa: E402
 from recurrent_depth.training import Trainer  # noqa: E402
 from recurrent_depth.sharding import make_mesh  # noqa: E402
-from helpers import run_steps, small_config  # noqa: E402
+from helpers import local_iterator, run_steps, small_config  # noqa: E402
 
 
 def main(port: int, process_id: int, out: str) -> None:
@@ -18,7 +17,7 @@ def main(port: int, process_id: int, out: str) -> None:
     assert jax.device_count() == 8 and jax.local_device_count() == 4
     config = small_config()
     trainer = Trainer(config, make_mesh((2, 2, 2)))
-    losses, checksum = run_steps(trainer, local_batches(config, 0), steps=3)
+    losses, checksum = run_steps(trainer, local_iterator(config), steps=3)
     if jax.process_index() == 0:
         with open(out, "w") as f:
             json.dump({"losses": losses, "checksum": checksum}, f)

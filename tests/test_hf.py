@@ -149,11 +149,11 @@ def test_parameter_checkpoint_round_trip_and_mismatch(tiny, tmp_path):
 
 
 def test_convert_cli_both_directions(tmp_path, capsys):
-    assert convert_main(["hf-to-orbax", str(CHECKPOINT), str(tmp_path / "orbax")]) == 0
-    assert convert_main(["orbax-to-hf", str(tmp_path / "orbax"), str(tmp_path / "hf")]) == 0
+    assert convert_main(["to-params", str(CHECKPOINT), str(tmp_path / "orbax")]) == 0
+    assert convert_main(["to-hf", str(tmp_path / "orbax"), str(tmp_path / "hf")]) == 0
     original, converted = load_file(str(CHECKPOINT / "model.safetensors")), load_file(str(tmp_path / "hf" / "model.safetensors"))
     for name in original:
         if name != "freqs_cis":
             np.testing.assert_array_equal(converted[name], original[name], err_msg=name)
-    assert convert_main(["hf-to-orbax", str(tmp_path / "missing"), str(tmp_path / "x")]) == 1
+    assert convert_main(["to-params", str(tmp_path / "missing"), str(tmp_path / "x")]) == 1
     assert "does not exist" in capsys.readouterr().err

@@ -12,13 +12,13 @@ import numpy as np
 import portpicker
 import pytest
 
-from helpers import assert_close, load_config, run_steps, small_config
+from helpers import assert_close, load_config, local_iterator, run_steps, small_config
 from recurrent_depth import flops
 from recurrent_depth.config import ModelConfig
 from recurrent_depth.sharding import make_mesh, resolve_mesh_shape
 from recurrent_depth.synthetic import progression_batches
-from recurrent_depth.train_loop import local_batches, train
-from recurrent_depth.training import Trainer, _token_losses
+from recurrent_depth.train_loop import train
+from recurrent_depth.training import Trainer, token_losses
 
 
 def _batch(config, step=0):
@@ -113,7 +113,7 @@ def test_z_loss_and_ignored_labels():
     logits = jnp.asarray(rng.normal(size=(2, 5, 7)), jnp.float32)
     labels = jnp.asarray(rng.integers(0, 7, (2, 5)))
     labels = labels.at[0, :2].set(-100)
-    total, ce, count = _token_losses(logits, labels, z_loss=1e-2)
+    total, ce, count = token_losses(logits, labels, z_loss=1e-2)
     lse = np.log(np.exp(np.asarray(logits)).sum(-1))
     picked = np.take_along_axis(np.asarray(logits), np.maximum(np.asarray(labels), 0)[..., None], -1)[..., 0]
     valid = np.asarray(labels) != -100
@@ -171,6 +171,6 @@ def test_two_processes_agree_with_one(tmp_path):
     assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-3000:]
     result = json.loads(out.read_text())
     config = small_config()
-    losses, checksum = run_steps(Trainer(config, make_mesh((2, 2, 2))), local_batches(config, 0), steps=3)
+    losses, checksum = run_steps(Trainer(config, make_mesh((2, 2, 2))), local_iterator(config), steps=3)
     np.testing.assert_allclose(result["losses"], losses, rtol=1e-6)
     np.testing.assert_allclose(result["checksum"], checksum, rtol=1e-6)
