@@ -13,6 +13,11 @@ import ml_collections
 from recurrent_depth.sharding import DEFAULT_RULES
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+ATTENTION_IMPLS = ("xla", "cudnn", "splash")
+# nothing: recompute the whole iteration (the original's per-iteration checkpointing, least memory);
+# dots: keep matmul outputs without batch dimensions; names: keep the named attention and MLP outputs;
+# everything: no rematerialisation (most memory, least compute).
+REMAT_POLICIES = ("nothing", "dots", "names", "everything")
 
 
 class ConfigError(ValueError):
@@ -46,6 +51,8 @@ class ModelConfig:
     init_scale: float = 1.0  # multiplies the state-init std; 0 gives a deterministic zero state
     dtype: str = "float32"  # compute dtype of activations
     param_dtype: str = "float32"  # storage dtype of parameters
+    attention_impl: str = "xla"  # xla (any platform), cudnn (NVIDIA GPU), splash (TPU Pallas kernel)
+    remat_policy: str = "nothing"  # what a gradient iteration keeps for the backward pass; see REMAT_POLICIES
 
     def __post_init__(self):
         self.validate()
@@ -120,9 +127,10 @@ class ModelConfig:
         for name in ("qk_bias", "tie_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"model.{name} must be a bool, got {getattr(self, name)!r}")
-        for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise ConfigError(f"model.{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}")
+        for name, valid in (("dtype", tuple(DTYPES)), ("param_dtype", tuple(DTYPES)),
+                            ("attention_impl", ATTENTION_IMPLS), ("remat_policy", REMAT_POLICIES)):
+            if getattr(self, name) not in valid:
+                raise ConfigError(f"model.{name} must be one of {valid}, got {getattr(self, name)!r}")
 
     # ---- conversion --------------------------------------------------------------
     @classmethod
@@ -198,6 +206,7 @@ def base_config() -> ml_collections.ConfigDict:
         "b2": 0.95,
         "eps": 1e-6,
         "grad_clip_norm": 1.0,
+        "moment_dtype": "float32",  # bfloat16 halves optimizer memory
     })
 
     config.mesh = ml_collections.ConfigDict()
@@ -208,6 +217,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.distributed.coordinator_address = ml_collections.config_dict.placeholder(str)
     config.distributed.num_processes = ml_collections.config_dict.placeholder(int)
     config.distributed.process_id = ml_collections.config_dict.placeholder(int)
+    config.distributed.auto = False  # True on TPU pods / SLURM: jax.distributed.initialize() detects the cluster
 
     config.data = data_config()
 

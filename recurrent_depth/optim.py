@@ -53,6 +53,7 @@ def ellis_adam(
     running_init: bool = True,
     *,
     peak_learning_rate: float | None = None,
+    moment_dtype=jnp.float32,
 ) -> optax.GradientTransformation:
     """The paper's `ELLISAdam` (reference §2.4) as an optax transformation returning `new_params - params`.
 
@@ -64,7 +65,8 @@ def ellis_adam(
       theta <- theta - eta * atan2(m, sqrt(v)/sqrt(1-b2^t))   (atan2=False: m / (sqrt(v)/sqrt(1-b2^t) + eps))
     lr_0 is `learning_rate` when it is a float, else `peak_learning_rate` (required for a schedule).
     `weight_decay_mask` is a pytree of Python bools like params or a callable params -> such a pytree (True = decay);
-    None decays everything. `update` needs `params`.
+    None decays everything. `update` needs `params`. `moment_dtype` stores m and v (bfloat16 halves the optimizer
+    memory; the update itself is computed in float32).
     """
     if peak_learning_rate is None:
         if callable(learning_rate):
@@ -83,7 +85,7 @@ def ellis_adam(
 
     def init_fn(params):
         """Zero moments (running_init overwrites them with the first gradient at the first update)."""
-        zeros = lambda p: jnp.zeros(jnp.shape(p), jnp.float32)  # noqa: E731
+        zeros = lambda p: jnp.zeros(jnp.shape(p), moment_dtype)  # noqa: E731
         return EllisAdamState(
             count=jnp.zeros([], jnp.int32), mu=jax.tree.map(zeros, params), nu=jax.tree.map(zeros, params)
         )
@@ -105,7 +107,7 @@ def ellis_adam(
 
         def leaf(g, p, m, v, decayed):
             """Update of one tensor; only reductions over this tensor (sharding-friendly)."""
-            g = g.astype(jnp.float32)
+            g, m, v = g.astype(jnp.float32), m.astype(jnp.float32), v.astype(jnp.float32)
             if running_init:
                 first = count == 0
                 m = jnp.where(first, g, m)
@@ -124,7 +126,7 @@ def ellis_adam(
             delta = -step_size * direction
             if decayed:
                 delta = delta - decay * p32
-            return delta.astype(p.dtype), m, v
+            return delta.astype(p.dtype), m.astype(moment_dtype), v.astype(moment_dtype)
 
         flat_g, treedef = jax.tree.flatten(updates)
         rest = [treedef.flatten_up_to(x) for x in (params, state.mu, state.nu, mask)]
@@ -235,11 +237,13 @@ def make_optimizer(
     eps: float,
     grad_clip_norm: float | None,
     mask_fn: Callable[[Any], Any] | None = weight_decay_mask,
+    moment_dtype=jnp.float32,
 ) -> optax.GradientTransformation:
     """Global-norm gradient clipping (skipped if `grad_clip_norm` is None or <= 0) followed by the named optimizer.
 
     'ellis_adam': the paper's optimizer (decay scaled by schedule/peak); 'adamw': `optax.adamw` (decay scaled by lr).
-    `mask_fn(params)` selects the decayed leaves (None: decay all).
+    `mask_fn(params)` selects the decayed leaves (None: decay all); `moment_dtype` stores the first (adamw) or
+    both (ellis_adam) moments.
     """
     if name == "ellis_adam":
         opt = ellis_adam(
@@ -250,9 +254,11 @@ def make_optimizer(
             weight_decay=weight_decay,
             weight_decay_mask=mask_fn,
             peak_learning_rate=peak_learning_rate,
+            moment_dtype=moment_dtype,
         )
     elif name == "adamw":
-        opt = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask_fn)
+        opt = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask_fn,
+                          mu_dtype=moment_dtype)
     else:
         raise ValueError(f"unknown optimizer {name!r}; valid names: {', '.join(OPTIMIZER_NAMES)}")
     if grad_clip_norm is None or grad_clip_norm <= 0:

@@ -23,13 +23,14 @@ from recurrent_depth.training import Trainer, TrainState, token_losses
 
 
 def initialize_distributed(config: ml_collections.ConfigDict) -> None:
-    """Starts jax.distributed when several processes are configured (config, JAX_* env vars, or a TPU pod)."""
+    """Starts jax.distributed for a multi-process run: from the config, from JAX_COORDINATOR_ADDRESS /
+    JAX_NUM_PROCESSES / JAX_PROCESS_ID, or auto-detected (TPU pods, SLURM) with distributed.auto=True."""
     address = config.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
     if address:
         num = config.num_processes if config.num_processes is not None else int(os.environ["JAX_NUM_PROCESSES"])
         pid = config.process_id if config.process_id is not None else int(os.environ["JAX_PROCESS_ID"])
         jax.distributed.initialize(address, num_processes=num, process_id=pid)
-    elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):  # multi-host TPU slice: everything is auto-detected
+    elif config.auto:
         jax.distributed.initialize()
 
 

@@ -43,7 +43,7 @@ def build_optimizer(config: ml_collections.ConfigDict, total_steps: int):
                              decay_steps=opt.decay_steps, end_value=opt.end_learning_rate)
     tx = make_optimizer(opt.name, schedule, peak_learning_rate=opt.peak_learning_rate,
                         weight_decay=opt.weight_decay, b1=opt.b1, b2=opt.b2, eps=opt.eps,
-                        grad_clip_norm=opt.grad_clip_norm)
+                        grad_clip_norm=opt.grad_clip_norm, moment_dtype=jnp.dtype(opt.moment_dtype))
     # Skips (and counts) updates whose gradients are not finite; never gives up and applies them.
     return optax.apply_if_finite(tx, max_consecutive_errors=2**30), schedule
 
@@ -175,6 +175,19 @@ class Trainer:
         shapes = jax.eval_shape(self._init_fn, jax.random.key(0))
         return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
                             self.state_shardings)
+
+    def abstract_batch(self, segment_ids: bool = True) -> dict:
+        """ShapeDtypeStructs of a global batch (for ahead-of-time compilation)."""
+        shape = (self.config.train.batch_size, self.config.train.seq_len)
+        keys = BATCH_KEYS if segment_ids else BATCH_KEYS[:2]
+        return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.batch_sharding) for k in keys}
+
+    def lower(self):
+        """The train step lowered for abstract state and batch: `.compile()` works for any mesh, even one of
+        TPU devices from `jax.experimental.topologies` on a machine without TPUs."""
+        state, batch = self.abstract_state(), self.abstract_batch()  # outside the mesh: eval_shape runs eagerly
+        with self.context():
+            return self._step.lower(state, batch)
 
     def global_batch(self, local_batch: dict) -> dict:
         """This process's rows as global arrays sharded over the batch axes."""
