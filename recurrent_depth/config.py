@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
@@ -232,3 +234,16 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval.num_steps = (1, 4, 8, 16, 32, 64)  # recurrences evaluated, as the original did in training
     config.eval.batches = 4
     return config
+
+
+def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
+    """`get_config()` of a config file such as configs/tiny.py (what `--config=` loads)."""
+    import importlib.util
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()

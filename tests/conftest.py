@@ -3,8 +3,11 @@
 import os
 from pathlib import Path
 
-# Eight fake CPU devices for the sharding tests; must be set before jax starts its backend.
+# Eight fake CPU devices for the sharding tests; must be set before jax starts its backend.  CPU only, also in
+# subprocesses: with the `tpu` extra installed jax would otherwise probe for TPUs (the AOT tests still compile
+# for TPU topologies).
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax
 import pytest

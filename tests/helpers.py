@@ -1,21 +1,19 @@
 """Test helpers without pytest, importable by worker processes too."""
 
-import importlib.util
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from recurrent_depth.config import load_config_file
+
 CONFIGS = Path(__file__).parent.parent / "configs"
 
 
 def load_config(name: str):
     """configs/<name>.py's get_config()."""
-    spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_config_file(CONFIGS / f"{name}.py")
 
 
 def assert_close(actual, expected, rtol=1e-5, name=""):
