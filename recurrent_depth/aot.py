@@ -53,7 +53,7 @@ def compile_train_step(config, topology: str, mesh_shape) -> dict:
         "alias_gib": round(memory.alias_size_in_bytes / GIB, 2),
         "total_gib": round(used / GIB, 2), "hbm_gib": round(hbm / GIB, 1) if hbm else None,
         "fits": used <= hbm if hbm else None,
-        "compiled_tflops_per_device": round(float(cost.get("flops", 0.0)) / 1e12, 2),
+        "compiled_tflops_per_device": float(f"{float(cost.get('flops', 0.0)) / 1e12:.4g}"),
         "compile_seconds": round(time.perf_counter() - start, 1),
     }
 

@@ -6,8 +6,7 @@
          over its tensor axis); `interpret=True` runs it on CPU for tests
 
 q [batch, q_len, heads, head_dim], k/v [batch, kv_len, heads, head_dim]; attention is causal and, with
-`segment_ids` [batch, len], stays within a segment (document masking).  `mask` [batch|1, 1, q, kv] replaces
-both for the xla path (KV caches).
+`segment_ids` [batch, len], stays within a segment (document masking).
 """
 
 from __future__ import annotations
@@ -87,12 +86,25 @@ def splash_attention(q, k, v, segment_ids, interpret: bool = False):
         q, k, v, segment_ids)
 
 
-def attend(q, k, v, *, impl: str, mask=None, segment_ids=None):
-    """Dispatches to an implementation.  With an explicit `mask` (KV caches) only `xla` applies."""
-    if mask is not None or impl == "xla":
-        return xla_attention(q, k, v, causal_mask(q.shape[1], segment_ids) if mask is None else mask)
+def _targets_tpu() -> bool:
+    """Whether the computation is for TPUs: the devices of the mesh in context (even TPU devices of an
+    ahead-of-time topology on a CPU machine), else the default backend.  Elsewhere splash runs interpreted."""
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    return (device.platform if device is not None else jax.default_backend()) == "tpu"
+
+
+def attention_mask(impl: str, seq_len: int, segment_ids=None):
+    """What `attend` takes as `mask`: the dense causal (and document) mask for xla; for the fused kernels, which
+    build their masks themselves, the segment ids (None: plain causal)."""
+    return causal_mask(seq_len, segment_ids) if impl == "xla" else segment_ids
+
+
+def attend(q, k, v, *, impl: str, mask):
+    """Dispatches to an implementation; `mask` comes from `attention_mask`."""
+    if impl == "xla":
+        return xla_attention(q, k, v, mask)
     if impl == "cudnn":
-        return cudnn_attention(q, k, v, segment_ids)
+        return cudnn_attention(q, k, v, mask)
     if impl == "splash":
-        return splash_attention(q, k, v, segment_ids, interpret=jax.default_backend() != "tpu")
+        return splash_attention(q, k, v, mask, interpret=not _targets_tpu())
     raise ValueError(f"unknown attention implementation {impl!r}; valid: {IMPLEMENTATIONS}")

@@ -6,13 +6,16 @@ Parameters carry logical axis names (`vocab`, `embed`, `heads`, `kv`, `mlp`, `no
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+from jax.ad_checkpoint import checkpoint_name
 
+from recurrent_depth.attention import NEG_INF, attend
 from recurrent_depth.config import ModelConfig
 
-NEG_INF = -1e30  # finite, so fully masked rows (padding) give a uniform softmax instead of NaN
 
 
 def trunc_normal(std: float):
@@ -59,38 +62,44 @@ def apply_rope(x, cos, sin):
     return out.reshape(x.shape).astype(x.dtype)
 
 
-def causal_mask(seq_len: int, segment_ids=None):
-    """Boolean attention mask [batch|1, 1, q, k]: causal, and within one segment (document) if ids are given."""
-    idx = jnp.arange(seq_len)
-    mask = (idx[:, None] >= idx[None, :])[None, None]
-    if segment_ids is not None:
-        mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
-    return mask
+class KVStore(Protocol):
+    """Where a cached attention call keeps keys/values (recurrent_depth.kv_cache.KVCursor implements it)."""
+
+    def attend(self, k, v) -> tuple[jax.Array, jax.Array, jax.Array, KVStore]:
+        """Stores the chunk's k, v [batch, seq, heads, head_dim] (after RoPE); returns every entry this call
+        reads: keys [batch, heads, head_dim, len], values [batch, heads, len, head_dim], mask [batch, 1, seq, len]
+        bool, and the updated store."""
 
 
-def dot_product_attention(q, k, v, mask):
-    """Softmax attention with float32 logits.  q [b, q, h, d], k/v [b, k, h, d], mask [b|1, 1|h, q, k]."""
+def cached_dot_product_attention(q, keys, values, mask):
+    """Softmax attention over cache entries.  q [b, q, h, d], keys [b, h, d, k], values [b, h, k, d] (the
+    layouts the two products read without transposing the cache), mask [b, 1, q, k]."""
     scale = q.shape[-1] ** -0.5
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-    logits = jnp.where(mask, logits, NEG_INF)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    logits = jnp.einsum("bqhd,bhdk->bhqk", q, keys, preferred_element_type=jnp.float32) * scale
+    probs = jax.nn.softmax(jnp.where(mask, logits, NEG_INF), axis=-1).astype(values.dtype)
+    return jnp.einsum("bhqk,bhkd->bqhd", probs, values)
 
 
 class Attention(nn.Module):
-    """Fused q|k|v projection, per-head q/k biases before RoPE, causal softmax attention, output projection."""
+    """Fused q|k|v projection, per-head q/k biases before RoPE, causal softmax attention, output projection.
+
+    With `cache` (decoding) the call stores its keys/values there and attends to what the store returns instead
+    of using `mask`; it then returns (output, updated store).
+    """
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask):  # x [batch, seq, embed]
+    def __call__(self, x, cos, sin, mask, cache: KVStore | None = None):  # x [batch, seq, embed]
         cfg = self.config
         heads, head_dim, dt = cfg.num_heads, cfg.resolved_head_dim, cfg.compute_dtype
         w_qkv = param(self, "qkv", trunc_normal(cfg.init_std), (cfg.hidden_size, 3, heads, head_dim),
                       ("embed", None, "heads", "kv"), cfg.weight_dtype)
         w_out = param(self, "out", trunc_normal(cfg.out_proj_std), (heads, head_dim, cfg.hidden_size),
                       ("heads", "kv", "embed"), cfg.weight_dtype)
-        q, k, v = jnp.einsum("bte,ephd->pbthd", x, w_qkv.astype(dt))  # 3 x [batch, seq, heads, head_dim]
+        # The output keeps the weight's axis order, so that XLA need not transpose the weight (a copy per call).
+        qkv = jnp.einsum("bte,ephd->btphd", x, w_qkv.astype(dt))  # [batch, seq, 3, heads, head_dim]
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         if cfg.qk_bias:
             bias = param(self, "qk_bias", nn.initializers.zeros, (2, heads, head_dim), (None, "heads", "kv"),
                          cfg.weight_dtype)
@@ -98,8 +107,18 @@ class Attention(nn.Module):
             k = (k + bias[1].astype(dt)).astype(dt)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q = constrain(q, ("batch", "length", "act_heads", None))
-        out = dot_product_attention(q, k, v, mask)  # [batch, seq, heads, head_dim]
-        return jnp.einsum("bthd,hde->bte", out, w_out.astype(dt))
+        if cache is None:
+            out = checkpoint_name(attend(q, k, v, impl=cfg.attention_impl, mask=mask), "attention")
+            return _project_out(out, w_out.astype(dt))
+        keys, values, mask, cache = cache.attend(k, v)
+        return _project_out(cached_dot_product_attention(q, keys, values, mask), w_out.astype(dt)), cache
+
+
+def _project_out(out, w_out):
+    """[batch, seq, heads, head_dim] x [heads, head_dim, embed] as one [heads * head_dim] contraction (so that
+    XLA does not transpose the weight to match the attention output's layout)."""
+    b, t, h, d = out.shape
+    return jnp.einsum("btf,fe->bte", out.reshape(b, t, h * d), w_out.reshape(h * d, -1))
 
 
 class GatedMLP(nn.Module):
@@ -115,20 +134,25 @@ class GatedMLP(nn.Module):
                      ("embed", None, "mlp"), cfg.weight_dtype)
         w_proj = param(self, "proj", trunc_normal(cfg.out_proj_std), (cfg.intermediate_size, cfg.hidden_size),
                        ("mlp", "embed"), cfg.weight_dtype)
-        gate, up = jnp.einsum("bte,epi->pbti", x, w_fc.astype(dt))
-        h = constrain(nn.silu(gate) * up, ("batch", "length", "act_mlp"))
+        fc = jnp.einsum("bte,epi->btpi", x, w_fc.astype(dt))  # [batch, seq, 2, mlp] (see Attention)
+        gate, up = fc[:, :, 0], fc[:, :, 1]
+        h = checkpoint_name(constrain(nn.silu(gate) * up, ("batch", "length", "act_mlp")), "mlp_hidden")
         return jnp.einsum("bti,ie->bte", h, w_proj.astype(dt))
 
 
 class SandwichBlock(nn.Module):
-    """x = norm_2(x + attn(norm_1(x)));  x = norm_4(x + mlp(norm_3(x)))."""
+    """x = norm_2(x + attn(norm_1(x)));  x = norm_4(x + mlp(norm_3(x))).  With `cache`, returns (x, cache)."""
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask):
+    def __call__(self, x, cos, sin, mask, cache: KVStore | None = None):
         cfg = self.config
         norm = lambda name: RMSNorm(cfg.norm_eps, cfg.weight_dtype, name=name)  # noqa: E731
-        x = norm("norm_2")(x + Attention(cfg, name="attn")(norm("norm_1")(x), cos, sin, mask))
+        attn = Attention(cfg, name="attn")(norm("norm_1")(x), cos, sin, mask, cache)
+        if cache is not None:
+            attn, cache = attn
+        x = norm("norm_2")(x + attn)
         x = norm("norm_4")(x + GatedMLP(cfg, name="mlp")(norm("norm_3")(x)))
-        return constrain(x, ("batch", "length", "act_embed"))
+        x = constrain(x, ("batch", "length", "act_embed"))
+        return x if cache is None else (x, cache)

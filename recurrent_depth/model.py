@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from recurrent_depth.config import ModelConfig
-from recurrent_depth.layers import RMSNorm, SandwichBlock, causal_mask, constrain, param, rope_angles, trunc_normal
+from recurrent_depth.attention import attention_mask
+from recurrent_depth.layers import RMSNorm, SandwichBlock, constrain, param, rope_angles, trunc_normal
 
 
 @flax.struct.dataclass
@@ -47,14 +48,33 @@ class CoreBlock(nn.Module):
         """The prelude output's share of the adapter, e @ W_e.  [batch, seq, embed]."""
         return constrain(jnp.einsum("bte,ef->btf", e, self.adapter[1].astype(e.dtype)), ("batch", "length", "act_embed"))
 
-    def __call__(self, state, injected, cos, sin, mask):
+    def __call__(self, state, injected, cos, sin, mask, cache=None):
+        """One iteration.  With `cache` (a KVStore at the first core layer) returns (state, cache)."""
         x = jnp.einsum("bte,ef->btf", state, self.adapter[0].astype(state.dtype)) + injected
         # Without this constraint XLA's SPMD partitioner (jax 0.10, CPU) miscompiled the following block when the
         # adapter is sharded over (fsdp, tensor): the sharded-vs-single-device tests catch it.
         x = constrain(x, ("batch", "length", "act_embed"))
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask)
-        return x
+        if cache is None:
+            for layer in self.layers:
+                x = layer(x, cos, sin, mask)
+            return x
+        return _run_cached(self.layers, x, cos, sin, mask, cache)
+
+
+def _run_cached(layers, x, cos, sin, mask, cache):
+    """Runs consecutive layers through a KV store positioned at the first of them; returns (x, cache)."""
+    for layer in layers:
+        x, cache = layer(x, cos, sin, mask, cache)
+        cache = cache.advance()
+    return x, cache
+
+
+# What a gradient iteration keeps for its backward pass (config.remat_policy; "everything" skips remat).
+REMAT_POLICIES = {
+    "nothing": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "names": jax.checkpoint_policies.save_only_these_names("attention", "mlp_hidden"),
+}
 
 
 def _scan_body(core, state, injected, cos, sin, mask):
@@ -95,14 +115,27 @@ class RecurrentDepthLM(nn.Module):
                                  ("embed", "vocab"), cfg.weight_dtype)
 
     # ---- pieces (also used by decoding) -------------------------------------------------------
-    def embed(self, input_ids, cos, sin, mask):
-        """Token embedding times sqrt(hidden), then the prelude.  [batch, seq] -> [batch, seq, embed]."""
+    def embed(self, input_ids, cos, sin, mask, cache=None):
+        """Token embedding times sqrt(hidden), then the prelude.  [batch, seq] -> [batch, seq, embed].
+
+        With `cache` (a KVStore at the first prelude layer, see layers.KVStore) returns (x, cache).
+        """
         cfg = self.config
         x = jnp.take(self.embedding, input_ids, axis=0).astype(cfg.compute_dtype) * cfg.embed_scale
         x = constrain(x, ("batch", "length", "act_embed"))
+        if cache is not None:
+            return _run_cached(self.prelude, x, cos, sin, mask, cache)
         for layer in self.prelude:
             x = layer(x, cos, sin, mask)
         return x
+
+    def inject(self, e):
+        """The prelude output's share of the adapter (see CoreBlock.inject)."""
+        return self.core.inject(e)
+
+    def core_step(self, state, injected, cos, sin, mask, cache=None):
+        """One iteration of the core block, for decoding loops that drive the recurrence themselves."""
+        return self.core(state, injected, cos, sin, mask, cache)
 
     def initial_state(self, e, init_scale):
         """s_0 = trunc_normal(std * init_scale, +-3 std) * sqrt(hidden); zeros when init_scale is 0."""
@@ -146,7 +179,10 @@ class RecurrentDepthLM(nn.Module):
         length = k if _is_static_int(k) else self.config.mean_backprop_depth
         if length > 0:
             active = jnp.arange(length) >= length - k
-            scan = nn.scan(nn.remat(_masked_scan_body, prevent_cse=False), variable_broadcast="params",
+            body = _masked_scan_body
+            if self.config.remat_policy != "everything":
+                body = nn.remat(body, prevent_cse=False, policy=REMAT_POLICIES[self.config.remat_policy])
+            scan = nn.scan(body, variable_broadcast="params",
                            split_rngs={"params": False}, in_axes=(0,) + (nn.broadcast,) * 4, length=length)
             state, ys = scan(self.core, state, active, injected, cos, sin, mask)
             states.append(ys)
@@ -172,15 +208,26 @@ class RecurrentDepthLM(nn.Module):
 
     def decode(self, state, cos, sin, mask):
         """ln_f, coda, ln_f again (same weights), tied head.  Returns (float32 logits, normed latents)."""
-        cfg = self.config
+        y, latents = self.run_coda(state, cos, sin, mask)
+        return constrain(self.head(y), ("batch", "length", "act_vocab")), latents
+
+    def run_coda(self, state, cos, sin, mask, cache=None):
+        """ln_f, coda, ln_f again.  Returns (y, normed latents) [batch, seq, embed] each; with `cache` (a KVStore
+        at the first coda layer) also the updated cache."""
         latents = self.ln_f(state)
+        if cache is not None:
+            y, cache = _run_cached(self.coda, latents, cos, sin, mask, cache)
+            return self.ln_f(y), latents, cache
         y = latents
         for layer in self.coda:
             y = layer(y, cos, sin, mask)
-        y = self.ln_f(y)
-        head = self.embedding.T if cfg.tie_embeddings else self.lm_head  # [embed, vocab]
-        logits = jnp.einsum("bte,ev->btv", y, head.astype(y.dtype), preferred_element_type=jnp.float32)
-        return constrain(logits, ("batch", "length", "act_vocab")), latents
+        return self.ln_f(y), latents
+
+    def head(self, y):
+        """Tied (or separate) output head, float32 logits.  [..., embed] -> [..., vocab]."""
+        if self.config.tie_embeddings:  # contract with the [vocab, embed] table as stored (no transposed copy)
+            return jnp.einsum("...e,ve->...v", y, self.embedding.astype(y.dtype), preferred_element_type=jnp.float32)
+        return jnp.einsum("...e,ev->...v", y, self.lm_head.astype(y.dtype), preferred_element_type=jnp.float32)
 
     # ---- the full forward pass ----------------------------------------------------------------
     def __call__(self, input_ids, num_steps: Any = None, *, input_states=None, init_scale=None, positions=None,
@@ -207,7 +254,7 @@ class RecurrentDepthLM(nn.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len))
         cos, sin = rope_angles(positions, cfg.resolved_head_dim, cfg.rope_base)
-        mask = causal_mask(seq_len, segment_ids)
+        mask = attention_mask(cfg.attention_impl, seq_len, segment_ids)
 
         e = self.embed(input_ids, cos, sin, mask)
         if input_states is None:
@@ -238,5 +285,6 @@ def check_token_ids(input_ids, vocab_size: int) -> None:
 def init_params(model: RecurrentDepthLM, rng: jax.Array, seq_len: int = 8):
     """Freshly initialised parameters (boxed with logical axis names; `nn.meta.unbox` for plain arrays)."""
     ids = jnp.zeros((1, min(seq_len, model.config.max_seq_len)), jnp.int32)
+    model = RecurrentDepthLM(model.config.replace(attention_impl="xla"))  # same parameters, any sequence length
     init = jax.jit(lambda key: model.init({"params": key}, ids, num_steps=1, init_scale=0.0)["params"])
     return init(rng)

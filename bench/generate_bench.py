@@ -1,0 +1,71 @@
+"""Generation throughput at the "bench-small" shape; prints one JSON line.
+
+  python bench/generate_bench.py [--repeats 3]
+
+bench-small: hidden 512, 8 heads, (2, 4, 2) layers, MLP 1536, vocab 32768, float32, r = 8 iterations per token,
+32-token prompts, 32 new tokens (greedy, random initial state), one device.  For batch 1 and 16 and the cache
+strategies `full` and `compress-4`: generated tokens per second over the whole call (prefill included) and
+without the prefill (from the time of a 1-token call), the best of --repeats after a compiling call; the first
+call's time (compilation) and the bytes of the KV cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import numpy as np
+
+from recurrent_depth import ModelConfig, RecurrentDepthLM, generate, init_params
+from recurrent_depth.kv_cache import CacheStrategy, KVCache
+
+PROMPT_LEN, NEW_TOKENS, NUM_STEPS = 32, 32, 8
+
+
+def bench_model():
+    config = ModelConfig(vocab_size=32768, hidden_size=512, num_heads=8, intermediate_size=1536,
+                         num_prelude_layers=2, num_core_layers=4, num_coda_layers=2, max_seq_len=256,
+                         mean_recurrence=NUM_STEPS, mean_backprop_depth=4)
+    model = RecurrentDepthLM(config)
+    return model, init_params(model, jax.random.key(0))
+
+
+def timed(model, params, prompts, strategy: str, new_tokens: int, repeats: int):
+    """(first call's seconds, best of `repeats` further calls) for one generate setting."""
+    call = lambda: generate(model, params, prompts, max_new_tokens=new_tokens,  # noqa: E731
+                            num_steps=NUM_STEPS, cache_strategy=strategy)
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        out = jax.block_until_ready(call())
+        times.append(time.perf_counter() - start)
+    assert int(out.num_tokens.sum()) == len(prompts) * new_tokens
+    return times[0], min(times[1:])
+
+
+def run(model, params, batch: int, strategy: str, repeats: int) -> dict:
+    prompts = np.random.default_rng(batch).integers(0, model.config.vocab_size, (batch, PROMPT_LEN))
+    first_call, total = timed(model, params, prompts, strategy, NEW_TOKENS, repeats)
+    _, prefill = timed(model, params, prompts, strategy, 1, repeats)  # the prompt and the first token
+    cache = KVCache.nbytes_for(model.config, batch, PROMPT_LEN + NEW_TOKENS, CacheStrategy.parse(strategy), NUM_STEPS)
+    return {"batch": batch, "cache": strategy, "tokens_per_s": round(batch * NEW_TOKENS / total, 1),
+            "decode_tokens_per_s": round(batch * (NEW_TOKENS - 1) / (total - prefill), 1),
+            "prefill_s": round(prefill, 3), "first_call_s": round(first_call, 2), "cache_mib": round(cache / 2**20, 2)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    model, params = bench_model()
+    results = [run(model, params, batch, strategy, args.repeats)
+               for batch in (1, 16) for strategy in ("full", "compress-4")]
+    print(json.dumps({"bench": "generate", "shape": "bench-small", "num_steps": NUM_STEPS, "prompt_len": PROMPT_LEN,
+                      "new_tokens": NEW_TOKENS, "dtype": "float32", "device": jax.devices()[0].device_kind,
+                      "results": results}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Adaptive per-token exit: the original's six criteria, each sequence judged on its own after an iteration.
+
+Values compare successive checks (the "previous" value starts as in the original: entropy 100, a uniform
+distribution, the initial state, no argmax).  Logit criteria read the last position of the chunk; latent
+criteria average over its real positions.  A sequence exits when the value is below the threshold (at least
+the threshold for argmax-stability).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+# The original's "auto" thresholds.
+DEFAULT_THRESHOLDS = {"entropy-diff": 1e-3, "latent-diff": 0.03, "kl": 1e-3, "minp-kl": 1e-5,
+                      "argmax-stability": 5, "cosine": 1e-3}
+LOGIT_CRITERIA = ("entropy-diff", "kl", "minp-kl", "argmax-stability")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExitCriterion:
+    """A named criterion with its threshold; name None never exits early (fixed depth)."""
+
+    name: str | None = None
+    threshold: float = 0.0
+
+    @classmethod
+    def make(cls, name: str | None, threshold: float | None = None) -> ExitCriterion:
+        if name is None:
+            return cls()
+        if name not in DEFAULT_THRESHOLDS:
+            raise ValueError(f"unknown exit criterion {name!r}; expected None or one of {sorted(DEFAULT_THRESHOLDS)}")
+        threshold = DEFAULT_THRESHOLDS[name] if threshold is None else threshold
+        if not isinstance(threshold, (int, float)) or isinstance(threshold, bool):
+            raise ValueError(f"exit_threshold must be a number or None, got {threshold!r}")
+        return cls(name, float(threshold))
+
+    @property
+    def needs_logits(self) -> bool:
+        return self.name in LOGIT_CRITERIA
+
+    def init(self, state, vocab_size: int):
+        """Carry of the criterion before the first check.  state [batch, len, embed] is the initial state."""
+        batch = state.shape[0]
+        if self.name == "entropy-diff":
+            return jnp.full((batch,), 100.0, jnp.float32)
+        if self.name in ("kl", "minp-kl"):
+            return jnp.full((batch, vocab_size), -jnp.log(float(vocab_size)), jnp.float32)
+        if self.name == "argmax-stability":
+            return jnp.full((batch,), -1, jnp.int32), jnp.zeros((batch,), jnp.int32)
+        if self.name in ("latent-diff", "cosine"):
+            return state.astype(jnp.float32)
+        return ()
+
+    def check(self, carry, state, weights, logits):
+        """(exit [batch] bool, new carry).  state [batch, len, embed] raw, weights [batch, len] (1 for real
+        positions), logits [batch, vocab] of the last position (only for logit criteria)."""
+        if self.name is None:
+            return jnp.zeros(state.shape[:1], bool), carry
+        if self.name == "entropy-diff":
+            probs = jax.nn.softmax(logits, axis=-1)
+            entropy = -jnp.sum(probs * jnp.log(probs + 1e-10), axis=-1)
+            return jnp.abs(entropy - carry) < self.threshold, entropy
+        if self.name in ("kl", "minp-kl"):
+            log_probs = _minp_log_probs(logits) if self.name == "minp-kl" else jax.nn.log_softmax(logits, axis=-1)
+            kl = jnp.sum(jnp.exp(carry) * (carry - log_probs), axis=-1)  # KL(previous || current)
+            return kl < self.threshold, log_probs
+        if self.name == "argmax-stability":
+            previous, stable = carry
+            current = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            stable = jnp.where(current == previous, stable + 1, 0)
+            return stable >= self.threshold, (current, stable)
+        state = state.astype(jnp.float32)
+        norm = jnp.linalg.norm(state, axis=-1)
+        if self.name == "latent-diff":
+            values = jnp.linalg.norm(state - carry, axis=-1) / norm
+        else:  # cosine: 1 - cos(s_i, s_{i-1})
+            values = 1.0 - jnp.sum(state * carry, axis=-1) / norm / jnp.linalg.norm(carry, axis=-1)
+        mean = jnp.sum(jnp.where(weights > 0, values * weights, 0.0), axis=-1) / jnp.sum(weights, axis=-1)
+        return mean < self.threshold, state
+
+
+def _minp_log_probs(logits):
+    """Probabilities below 0.1 x the largest set to 1/vocab, renormalised, log (the original's minp-kl)."""
+    probs = jax.nn.softmax(logits, axis=-1)
+    probs = jnp.where(probs < 0.1 * jnp.max(probs, axis=-1, keepdims=True), 1.0 / logits.shape[-1], probs)
+    return jnp.log(probs / jnp.sum(probs, axis=-1, keepdims=True))
