@@ -22,8 +22,8 @@ from recurrent_depth.config import load_config_file  # noqa: E402
 
 # (topology, mesh (data, fsdp, tensor)): FSDP over all chips; the 55 heads allow tensor parallelism of 5 or 11.
 CANDIDATES = {
-    "v5p": [("v5p:1x1x1", (1, 1, 1)), ("v5p:2x2x1", (1, 4, 1)), ("v5p:2x2x2", (1, 8, 1))],
-    "v6e": [("v6e:1x1", (1, 1, 1)), ("v6e:2x2", (1, 4, 1)), ("v6e:2x4", (1, 8, 1)), ("v6e:4x4", (1, 16, 1))],
+    "v5p": [("v5p:2x2x1", (1, 4, 1)), ("v5p:2x2x2", (1, 8, 1)), ("v5p:2x2x4", (1, 16, 1))],
+    "v6e": [("v6e:2x2", (1, 4, 1)), ("v6e:2x4", (1, 8, 1)), ("v6e:4x4", (1, 16, 1))],
     "v5e": [("v5e:2x2", (1, 4, 1)), ("v5e:2x4", (1, 8, 1)), ("v5e:4x4", (1, 16, 1)), ("v5e:4x8", (1, 32, 1))],
 }
 
@@ -44,7 +44,7 @@ def main():
         for topology, mesh in candidates:
             config = load_config_file(config_file)
             chips = mesh[0] * mesh[1]
-            config.train.update(batch_size=chips, seq_len=args.seq_len, steps=10)
+            config.train.update(batch_size=chips, seq_len=args.seq_len)
             config.model.update(remat_policy=args.remat, attention_impl=args.attention)
             config.train.optimizer.moment_dtype = args.moment_dtype
             result = compile_train_step(config, topology, mesh)

@@ -1,0 +1,96 @@
+"""What a sweep leaves behind: a console table, results.json, per-example samples and one PNG per metric.
+
+Each plot shows a task's metric against the iteration count (log-2 axis); an adaptive-exit setting is a marker at
+its mean iterations used, so it reads as accuracy against compute.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from pathlib import Path
+
+RESULTS_FILE = "results.json"
+NOT_PLOTTED = ("mean_steps", "seconds")
+
+
+def table(entries: list[dict]) -> str:
+    """Rows task/metric, one column per setting."""
+    columns = [e["setting"] for e in entries]
+    rows = []
+    for task in dict.fromkeys(t for e in entries for t in e["tasks"]):
+        for metric in dict.fromkeys(m for e in entries for m in e["tasks"].get(task, {})):
+            if metric == "seconds":
+                continue
+            values = [e["tasks"].get(task, {}).get(metric) for e in entries]
+            rows.append([task, metric] + ["-" if v is None else f"{v:.4g}" for v in values])
+    header = ["task", "metric"] + columns
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+
+    def line(cells):
+        return "  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")
+
+
+def plot(entries: list[dict], directory: Path) -> list[Path]:
+    """One PNG per (task, metric) under `directory`; returns the paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fixed = sorted((e for e in entries if e["exit_criterion"] is None), key=lambda e: e["num_steps"])
+    adaptive = [e for e in entries if e["exit_criterion"] is not None]
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for task in dict.fromkeys(t for e in entries for t in e["tasks"]):
+        metrics = dict.fromkeys(m for e in entries for m in e["tasks"].get(task, {}) if m not in NOT_PLOTTED)
+        for metric in metrics:
+            fig, ax = plt.subplots(figsize=(5.5, 3.8))
+            points = [(e["num_steps"], e["tasks"][task][metric]) for e in fixed if metric in e["tasks"].get(task, {})]
+            if points:
+                ax.plot(*zip(*points), marker="o", label="fixed iterations")
+            for e in adaptive:
+                result = e["tasks"].get(task, {})
+                if metric in result and "mean_steps" in result:
+                    ax.plot(result["mean_steps"], result[metric], marker="*", markersize=12, linestyle="none",
+                            label=f"adaptive: {e['setting']}")
+            ax.set_xscale("log", base=2)
+            ticks = sorted({e["num_steps"] for e in entries})
+            ax.set_xticks(ticks, [str(t) for t in ticks])
+            ax.set_xlabel("iterations of the recurrent block (mean under adaptive exit)")
+            ax.set_ylabel(metric)
+            ax.set_title(f"{task}: {metric}")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize="small")
+            fig.tight_layout()
+            path = directory / f"{_slug(task)}__{_slug(metric)}.png"
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            paths.append(path)
+    return paths
+
+
+def write(output: str | Path, header: dict, entries: list[dict], samples: dict[tuple[str, str], list[dict]]
+          ) -> dict:
+    """Writes results.json, samples/<task>/<setting>.jsonl and plots/*.png under `output`; returns results."""
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    for (task, setting), rows in samples.items():
+        path = output / "samples" / _slug(task) / f"{_slug(setting)}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    try:
+        plots = [str(p.relative_to(output)) for p in plot(entries, output / "plots")]
+    except ImportError:
+        warnings.warn("matplotlib is not installed, so no plots were written: pip install 'recurrent-depth[eval]'")
+        plots = []
+    results = {**header, "results": entries, "plots": plots}
+    (output / RESULTS_FILE).write_text(json.dumps(results, indent=2))
+    return results

@@ -1,0 +1,164 @@
+"""The program behind eval.py: load a checkpoint onto a mesh, sweep iteration counts over tasks, report."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import ml_collections
+from tqdm import tqdm
+
+from recurrent_depth import sharding
+from recurrent_depth.checkpoint import CHECKPOINTS_DIR, RUN_CONFIG_FILE, load_model
+from recurrent_depth.config import ConfigError, ModelConfig, load_config_file
+from recurrent_depth.evaluation import report
+from recurrent_depth.evaluation.engine import Depth, EvalModel
+from recurrent_depth.evaluation.tasks import Task, parse_tasks
+from recurrent_depth.tokenizer import Tokenizer, load_tokenizer
+
+DEFAULT_NUM_STEPS = (1, 4, 8, 16, 32)
+DEFAULT_MESH = (1, -1, 1)  # (data, fsdp, tensor): every device on fsdp, the batch over all of them
+# Fields that may differ between a --config and the checkpoint: they change neither the parameters nor the function.
+RUNTIME_FIELDS = ("dtype", "param_dtype", "attention_impl", "remat_policy", "mean_recurrence", "mean_backprop_depth",
+                  "init_scale")
+
+
+def check_config(checkpoint_config: ModelConfig, config: ModelConfig, where: str) -> None:
+    """Raises ConfigError naming every architectural field in which the checkpoint differs from `config`
+    (defaults resolved: an unset head_dim or state_init_std equals its derived value)."""
+    def resolved(c: ModelConfig) -> dict:
+        return c.replace(head_dim=c.resolved_head_dim, state_init_std=c.resolved_state_init_std).to_dict()
+
+    ours, theirs = resolved(checkpoint_config), resolved(config)
+    diffs = [f"{name}: checkpoint {ours[name]!r} != config {theirs[name]!r}" for name in ours
+             if name not in RUNTIME_FIELDS and ours[name] != theirs[name] and not (
+                 isinstance(ours[name], float) and math.isclose(ours[name], theirs[name], rel_tol=1e-6))]
+    if diffs:
+        raise ConfigError(f"the checkpoint does not match {where}:\n  " + "\n  ".join(diffs))
+
+
+def parse_mesh(text: str | Sequence[int]) -> tuple[int, ...]:
+    """(data, fsdp, tensor) from '1,-1,1' or '1x-1x1' (one size may be -1, the rest of the devices)."""
+    if not isinstance(text, str):
+        return tuple(int(s) for s in text)
+    parts = text.replace("x", ",").split(",")
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"mesh must be three integers like 1,-1,1 (data, fsdp, tensor), got {text!r}") from None
+    return sharding.resolve_mesh_shape(shape, jax.device_count())
+
+
+def _run_config(checkpoint: Path, config_file: str | None) -> ml_collections.ConfigDict | None:
+    """The --config file's config, else a train.py workdir's own run config, else None."""
+    if config_file:
+        return load_config_file(config_file)
+    if (checkpoint / RUN_CONFIG_FILE).exists() and (checkpoint / CHECKPOINTS_DIR).is_dir():
+        return ml_collections.ConfigDict(json.loads((checkpoint / RUN_CONFIG_FILE).read_text()))
+    return None
+
+
+def find_tokenizer(checkpoint: str | os.PathLike, path: str | None = None,
+                   run_config: ml_collections.ConfigDict | None = None) -> Tokenizer:
+    """`path` (a SentencePiece .model, a tokenizer.json or its directory), else the checkpoint's tokenizer.json,
+    else the run config's data.tokenizer."""
+    checkpoint = Path(checkpoint)
+    if path:
+        return load_tokenizer("sentencepiece" if str(path).endswith(".model") else "huggingface", path)
+    if (checkpoint / "tokenizer.json").exists():
+        return load_tokenizer("huggingface", checkpoint)
+    if run_config is not None and run_config.get("data") and run_config.data.tokenizer.path:
+        return load_tokenizer(run_config.data.tokenizer.kind, run_config.data.tokenizer.path)
+    raise FileNotFoundError(f"no tokenizer for {checkpoint}: it has no tokenizer.json and no config names one; "
+                            f"pass --tokenizer=PATH (a SentencePiece .model or a tokenizer.json)")
+
+
+def load_eval_model(checkpoint: str | os.PathLike, *, tokenizer: str | None = None, config: str | None = None,
+                    dtype: str | None = None, mesh: str | Sequence[int] | None = None, batch_size: int = 8,
+                    init_scale: float = 0.0, seed: int = 0, progress: bool = True) -> EvalModel:
+    """A checkpoint (HF directory, parameter checkpoint or train.py workdir) with its tokenizer, sharded over a
+    (data, fsdp, tensor) mesh of all devices; checked against `config` (a config file) if given."""
+    checkpoint = Path(checkpoint)
+    run_config = _run_config(checkpoint, config)
+    text = find_tokenizer(checkpoint, tokenizer, run_config)  # before the (slow) model load
+    mesh = sharding.make_mesh(parse_mesh(mesh if mesh is not None else DEFAULT_MESH))
+    model, params = load_model(checkpoint, dtype=dtype)
+    if config:
+        check_config(model.config, ModelConfig.from_dict(run_config.model), f"--config={config}")
+    has_rules = run_config is not None and run_config.get("mesh") is not None
+    rules = sharding.rules_from_config(run_config.mesh.rules) if has_rules else sharding.DEFAULT_RULES
+    return EvalModel(model, params, text, mesh=mesh, rules=rules, batch_size=batch_size, init_scale=init_scale,
+                     seed=seed, progress=progress)
+
+
+def sweep(lm: EvalModel, tasks: Sequence[Task], depths: Sequence[Depth]
+          ) -> tuple[list[dict], dict[tuple[str, str], list[dict]]]:
+    """Every task at every depth: one results entry per depth, and the per-example samples."""
+    entries, samples = [], {}
+    progress = tqdm(total=len(tasks) * len(depths), desc="eval", disable=not lm.progress)
+    for depth in depths:
+        entry = {"setting": depth.label, "num_steps": depth.num_steps, "exit_criterion": depth.exit_criterion,
+                 "exit_threshold": depth.exit_threshold, "tasks": {}}
+        for task in tasks:
+            start = time.perf_counter()
+            result = task.evaluate(lm, depth)
+            entry["tasks"][task.name] = {**result.metrics, "seconds": round(time.perf_counter() - start, 3)}
+            samples[(task.name, depth.label)] = result.samples
+            progress.update(1)
+            progress.set_postfix_str(f"{task.name} {depth.label}")
+        entries.append(entry)
+    progress.close()
+    return entries, samples
+
+
+def depths_for(num_steps: Sequence[int], exit_criterion: str | None = None, exit_threshold: float | None = None,
+               max_exit_steps: int | None = None) -> list[Depth]:
+    """Fixed depths for each count, plus adaptive exit (at most max_exit_steps, default the largest count)."""
+    if not num_steps:
+        raise ValueError("give at least one iteration count")
+    depths = [Depth(int(r)) for r in dict.fromkeys(num_steps)]
+    if exit_criterion:
+        depths.append(Depth(max_exit_steps or max(d.num_steps for d in depths), exit_criterion, exit_threshold))
+    elif exit_threshold is not None or max_exit_steps is not None:
+        raise ValueError("an exit threshold or maximum needs an exit criterion")
+    return depths
+
+
+def evaluate_checkpoint(checkpoint: str | os.PathLike, tasks: Sequence[str | Task], *,
+                        num_steps: Sequence[int] | None = None, output: str | os.PathLike | None = None,
+                        config: str | None = None, tokenizer: str | None = None,
+                        mesh: str | Sequence[int] | None = None, batch_size: int = 8, dtype: str | None = None,
+                        init_scale: float = 0.0, seed: int = 0, exit_criterion: str | None = None,
+                        exit_threshold: float | None = None, max_exit_steps: int | None = None,
+                        chat_template: bool = False, system_prompt: str | None = None,
+                        progress: bool = True) -> dict:
+    """The whole evaluation: tasks (specs or Task objects, checked first) at each iteration count (default: the
+    config's or the workdir's eval.num_steps, else 1,4,8,16,32) and optionally under adaptive exit; prints the
+    table and, with `output`, writes results.json, samples and plots there.  Returns the results."""
+    defaults = {"chat": chat_template, "system": system_prompt}
+    tasks = parse_tasks(list(tasks), defaults)
+    if num_steps is None:
+        run_config = _run_config(Path(checkpoint), config)
+        has_eval = run_config is not None and run_config.get("eval") is not None
+        num_steps = tuple(run_config.eval.num_steps) if has_eval else DEFAULT_NUM_STEPS
+    depths = depths_for(num_steps, exit_criterion, exit_threshold, max_exit_steps)
+    lm = load_eval_model(checkpoint, tokenizer=tokenizer, config=config, dtype=dtype, mesh=mesh,
+                         batch_size=batch_size, init_scale=init_scale, seed=seed, progress=progress)
+    entries, samples = sweep(lm, tasks, depths)
+    header = {"checkpoint": str(checkpoint), "created": datetime.datetime.now().isoformat(timespec="seconds"),
+              "model_config": lm.config.to_dict(), "platform": jax.devices()[0].platform,
+              "mesh": dict(lm.mesh.shape), "batch_size": lm.batch_size,
+              "init_scale": lm.init_scale, "seed": lm.seed, "tasks": {t.name: t.info() for t in tasks}}
+    results = {**header, "results": entries}
+    if jax.process_index() == 0:
+        print(report.table(entries))
+        if output is not None:
+            results = report.write(output, header, entries, samples)
+            print(f"wrote {Path(output) / report.RESULTS_FILE}")
+    return results
