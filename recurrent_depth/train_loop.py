@@ -19,7 +19,8 @@ from recurrent_depth import flops
 from recurrent_depth.checkpoint import CHECKPOINTS_DIR, RUN_CONFIG_FILE, TrainCheckpointer
 from recurrent_depth.data import make_dataset
 from recurrent_depth.sharding import make_mesh
-from recurrent_depth.training import Trainer, TrainState, token_losses
+from recurrent_depth.losses import token_losses
+from recurrent_depth.training import Trainer, TrainState
 
 
 def initialize_distributed(config: ml_collections.ConfigDict) -> None:

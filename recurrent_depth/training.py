@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding
 from recurrent_depth import sharding
 from recurrent_depth.config import ModelConfig
 from recurrent_depth.depth import make_depth_sampler
-from recurrent_depth.losses import IGNORE_INDEX
+from recurrent_depth.losses import token_losses
 from recurrent_depth.model import RecurrentDepthLM, init_params
 from recurrent_depth.optim import make_optimizer, make_schedule
 
@@ -56,16 +56,6 @@ def build_depth_sampler(config: ml_collections.ConfigDict, model_config: ModelCo
     extra = {"n": depth.n, "k": depth.k} if depth.kind == "fixed" else {}
     return make_depth_sampler(depth.kind, model_config.mean_recurrence, model_config.mean_backprop_depth,
                               seed=seed, sigma=depth.sigma, **extra)
-
-
-def token_losses(logits, labels, z_loss: float):
-    """Sums over counted tokens: (cross-entropy + z_loss * logsumexp^2, cross-entropy, count)."""
-    valid = labels != IGNORE_INDEX
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    label_logit = jnp.take_along_axis(logits, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
-    ce = jnp.where(valid, lse - label_logit, 0.0).sum()
-    total = ce + z_loss * jnp.where(valid, lse**2, 0.0).sum() if z_loss else ce
-    return total, ce, valid.sum()
 
 
 @dataclasses.dataclass

@@ -18,7 +18,8 @@ from recurrent_depth.config import ModelConfig
 from recurrent_depth.sharding import make_mesh, resolve_mesh_shape
 from recurrent_depth.synthetic import progression_batches
 from recurrent_depth.train_loop import train
-from recurrent_depth.training import Trainer, token_losses
+from recurrent_depth.losses import token_losses
+from recurrent_depth.training import Trainer
 
 
 def _batch(config, step=0):
