@@ -1,4 +1,7 @@
-"""Evaluation across test-time iteration counts: `python eval.py --checkpoint=DIR --tasks=...`.
+"""Evaluation across test-time iteration counts: `python eval.py [--checkpoint=DIR] [--tasks=...]`.
+
+With no flags it evaluates the workdir that `python train.py` wrote (the demo: held-out shell-game problems at
+1-32 iterations and with adaptive exit) and writes eval_results/.
 
 DIR is a train.py workdir (its newest checkpoint), a parameter checkpoint or a Hugging Face checkpoint directory
 (e.g. huginn-0125, whose tokenizer.json is found there).  Every task is evaluated at every `--num_steps` count and,
@@ -16,6 +19,8 @@ Tasks (`--tasks`, comma-separated), each `KIND:TARGET[:KEY=VALUE...]`:
              and flexible (last number) extractions.  Options: k=SHOTS, fewshot=FILE (else the first k records
              are the examples), chat=true (huginn-0125's chat template, examples as turns), system=TEXT,
              max_new_tokens=256, limit=N.
+  shell:MIN-MAX  held-out problems of the demo's shell game (recurrent_depth.shell_game) with MIN..MAX
+             swaps: acc.  Options: size=512, seed=0.
   rg:NAME    a reasoning-gym dataset (basic_arithmetic, gsm_symbolic, ...) generated offline with seed and size,
              scored by its own checker.  Options: size=100, seed=0, k, chat, system, max_new_tokens=64, and any
              dataset setting (e.g. max_terms=3).
@@ -36,8 +41,8 @@ from recurrent_depth.train_loop import initialize_distributed
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "workdir", "train.py workdir, parameter checkpoint or Hugging Face "
                                   "checkpoint directory.")
-_TASKS = flags.DEFINE_list("tasks", None, "Tasks, KIND:TARGET[:KEY=VALUE...] each (see the module docstring).",
-                           required=True)
+_TASKS = flags.DEFINE_list("tasks", None, "Tasks, KIND:TARGET[:KEY=VALUE...] each (see the module docstring; "
+                           "default: the run config's eval.tasks).")
 _NUM_STEPS = flags.DEFINE_list("num_steps", None, "Iteration counts (default: the config's eval.num_steps, "
                                "else 1,4,8,16,32).")
 _OUTPUT = flags.DEFINE_string("output", "eval_results", "Directory for results.json, samples/ and plots/.")
@@ -46,13 +51,15 @@ _CONFIG = flags.DEFINE_string("config", None, "Config file the checkpoint must m
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "SentencePiece .model or tokenizer.json (default: the "
                                  "checkpoint's tokenizer.json or the config's data.tokenizer).")
 _EXIT_CRITERION = flags.DEFINE_enum("exit_criterion", None, ["entropy-diff", "latent-diff", "kl", "minp-kl",
-                                                             "argmax-stability", "cosine"],
-                                    "Also evaluate with adaptive per-token exit by this criterion.")
+                                                             "argmax-stability", "cosine", "none"],
+                                    "Also evaluate with adaptive per-token exit by this criterion (default: the "
+                                    "run config's eval.exit_criterion; none: fixed counts only).")
 _EXIT_THRESHOLD = flags.DEFINE_float("exit_threshold", None, "Exit threshold (default: the criterion's).")
 _MAX_EXIT_STEPS = flags.DEFINE_integer("max_exit_steps", None, "Most iterations under adaptive exit (default: the "
                                        "largest --num_steps).")
 _MESH = flags.DEFINE_string("mesh", "1,-1,1", "Mesh (data, fsdp, tensor); -1 is the rest of the devices.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Sequences per batch (rounded up to the batch shards).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Sequences per batch, rounded up to the batch shards "
+                                   "(default: the run config's eval.batch_size, else 8).")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "Parameter and compute dtype.")
 _INIT_SCALE = flags.DEFINE_float("init_scale", 0.0, "Scale of the random initial state (0: zero state).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the initial state when init_scale > 0.")

@@ -1,6 +1,7 @@
 """Fit table of the released 3.5B shape's train step on TPU slices, compiled ahead of time on this machine.
 
   python bench/aot_tpu.py [--seq-len 4096] [--only v5p]
+  python bench/aot_tpu.py --generate [--only v5e]     # generation instead: bf16 weights, full vs compress-4 cache
 
 For each TPU generation, slices from small to large: the train step (bf16 compute, float32 master weights,
 splash attention, per-iteration remat, one sequence of 4096 tokens per data-parallel shard) is compiled for the
@@ -17,7 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from recurrent_depth.aot import compile_train_step  # noqa: E402
+from recurrent_depth.aot import compile_generate, compile_train_step  # noqa: E402
 from recurrent_depth.config import load_config_file  # noqa: E402
 
 # (topology, mesh (data, fsdp, tensor)): FSDP over all chips; the 55 heads allow tensor parallelism of 5 or 11.
@@ -35,10 +36,21 @@ def main():
     parser.add_argument("--remat", default="nothing")
     parser.add_argument("--attention", default="splash")
     parser.add_argument("--moment-dtype", default="float32")
+    parser.add_argument("--generate", action="store_true", help="compile generation on each generation's first "
+                        "slice: batch 16, 1024-token prompts, 256 new tokens, r = 32, full and compress-4 caches")
     args = parser.parse_args()
     config_file = os.path.join(os.path.dirname(__file__), "..", "configs", "huginn_3p5b.py")
     for generation, candidates in CANDIDATES.items():
         if args.only and generation != args.only:
+            continue
+        if args.generate:
+            topology, mesh = candidates[0]
+            for cache in ("full", "compress-4"):
+                config = load_config_file(config_file)
+                config.model.update(dtype="bfloat16", param_dtype="bfloat16")
+                print(json.dumps(compile_generate(config, topology, mesh, batch_size=16, prompt_len=1024,
+                                                  max_new_tokens=256, num_steps=32, cache_strategy=cache)),
+                      flush=True)
             continue
         found = False
         for topology, mesh in candidates:

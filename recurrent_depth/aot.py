@@ -1,10 +1,14 @@
-"""Ahead-of-time compilation of the train step for TPU slices, from any machine with the `tpu` extra.
+"""Ahead-of-time compilation of the train step and of generation for TPU slices, from any machine with the
+`tpu` extra.
 
   python -m recurrent_depth.aot --config=configs/huginn_3p5b.py --topology=v5p:4x4x4 --mesh=1,-1,4 \\
       [--config.model.remat_policy=nothing] [--config.train.batch_size=...]
+  python -m recurrent_depth.aot --step=generate --topology=v5e:2x2 --batch_size=16 --prompt_len=1024 \\
+      --max_new_tokens=256 --num_steps=32 --cache_strategy=compress-4
 
 Prints one JSON line: per-device argument/output/temporary memory against the chip's HBM, whether it fits,
-and the compiled FLOPs (`cost_analysis`; Pallas kernels such as splash attention are not counted there).
+and the compiled FLOPs (`cost_analysis`; Pallas kernels such as splash attention are not counted there, and a
+loop body counts once, so generation's FLOPs are those of one pass through its loops).
 """
 
 from __future__ import annotations
@@ -21,40 +25,94 @@ HBM_BYTES = {"TPU v4": 32 * GIB, "TPU v5 lite": 16 * GIB, "TPU v5": 95 * GIB, "T
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/huginn_3p5b.py", "ml_collections config file.")
 _TOPOLOGY = flags.DEFINE_string("topology", "v5p:2x2x1", "TPU topology name, e.g. v5p:4x4x4, v5e:4x4, v6e:4x4.")
 _MESH = flags.DEFINE_string("mesh", "1,-1,1", "data,fsdp,tensor sizes (one may be -1).")
+_STEP = flags.DEFINE_enum("step", "train", ["train", "generate"], "What to compile: the train step (shapes from "
+                          "the config's train section) or generation (shapes from the flags below).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "generate: sequences per batch.")
+_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 1024, "generate: prompt tokens.")
+_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 256, "generate: tokens generated.")
+_NUM_STEPS = flags.DEFINE_integer("num_steps", 32, "generate: iterations of the core block per token.")
+_CACHE_STRATEGY = flags.DEFINE_string("cache_strategy", "full", "generate: full, compress-K, latest[-compress-K].")
 
 
-def compile_train_step(config, topology: str, mesh_shape) -> dict:
-    """Compiles config's train step for `topology` and reports memory and FLOPs per device."""
+def _tpu_devices(topology: str):
     from jax.experimental import topologies
 
-    from recurrent_depth.sharding import make_mesh
-    from recurrent_depth.training import Trainer
+    return topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
 
-    devices = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
-    config.mesh.shape = tuple(mesh_shape)
-    trainer = Trainer(config, make_mesh(mesh_shape, devices))
-    start = time.perf_counter()
-    compiled = trainer.lower().compile()
+
+def _report(compiled, devices, start: float) -> dict:
+    """Per-device memory against the chip's HBM, compiled FLOPs and compile time of a compiled function."""
     memory, cost = compiled.memory_analysis(), compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     used = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
             - memory.alias_size_in_bytes)
     hbm = HBM_BYTES.get(devices[0].device_kind)
-    t, m = config.train, config.model
     return {
-        "topology": topology, "device_kind": devices[0].device_kind, "devices": len(devices),
-        "mesh": dict(zip(("data", "fsdp", "tensor"), trainer.mesh.devices.shape)),
-        "batch_size": t.batch_size, "seq_len": t.seq_len, "microbatches": t.microbatches,
-        "remat_policy": m.remat_policy, "attention_impl": m.attention_impl, "dtype": m.dtype,
-        "moment_dtype": t.optimizer.moment_dtype,
         "argument_gib": round(memory.argument_size_in_bytes / GIB, 2),
         "output_gib": round(memory.output_size_in_bytes / GIB, 2),
         "temp_gib": round(memory.temp_size_in_bytes / GIB, 2),
         "alias_gib": round(memory.alias_size_in_bytes / GIB, 2),
-        "total_gib": round(used / GIB, 2), "hbm_gib": round(hbm / GIB, 1) if hbm else None,
+        "total_gib": round(used / GIB, 2), "total_bytes": int(used),
+        "hbm_gib": round(hbm / GIB, 1) if hbm else None,
         "fits": used <= hbm if hbm else None,
         "compiled_tflops_per_device": float(f"{float(cost.get('flops', 0.0)) / 1e12:.4g}"),
         "compile_seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def compile_generate(config, topology: str, mesh_shape, *, batch_size: int, prompt_len: int, max_new_tokens: int,
+                     num_steps: int, cache_strategy: str = "full") -> dict:
+    """Compiles greedy generation (prefill and the decode loop, one compiled function) of config's model for
+    `topology`, parameters sharded like in training and the batch over the data axes; reports memory per
+    device (the KV cache is in the temporaries)."""
+    import flax.linen as nn
+    import jax
+
+    from recurrent_depth import sharding
+    from recurrent_depth.config import ModelConfig
+    from recurrent_depth.decoding import lower_generate
+    from recurrent_depth.model import RecurrentDepthLM, init_params
+
+    devices = _tpu_devices(topology)
+    mesh = sharding.make_mesh(mesh_shape, devices)
+    rules = sharding.rules_from_config(config.mesh.rules)
+    model = RecurrentDepthLM(ModelConfig.from_dict(config.model))
+    boxed = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
+    shardings = sharding.logical_shardings(boxed, mesh, rules)
+    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.meta.unbox(boxed),
+                          shardings)
+    start = time.perf_counter()
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        lowered = lower_generate(model, params, batch_size, prompt_len, max_new_tokens=max_new_tokens,
+                                 num_steps=num_steps, init_scale=0.0, cache_strategy=cache_strategy,
+                                 input_sharding=sharding.batch_sharding(mesh, rules),
+                                 replicated=sharding.replicated(mesh))
+        compiled = lowered.compile()
+    m = config.model
+    return {"step": "generate", "topology": topology, "device_kind": devices[0].device_kind,
+            "devices": len(devices), "mesh": dict(zip(("data", "fsdp", "tensor"), mesh.devices.shape)),
+            "batch_size": batch_size, "prompt_len": prompt_len, "max_new_tokens": max_new_tokens,
+            "num_steps": num_steps, "cache_strategy": cache_strategy, "param_dtype": m.param_dtype,
+            "dtype": m.dtype, **_report(compiled, devices, start)}
+
+
+def compile_train_step(config, topology: str, mesh_shape) -> dict:
+    """Compiles config's train step for `topology` and reports memory and FLOPs per device."""
+    from recurrent_depth.sharding import make_mesh
+    from recurrent_depth.training import Trainer
+
+    devices = _tpu_devices(topology)
+    config.mesh.shape = tuple(mesh_shape)
+    trainer = Trainer(config, make_mesh(mesh_shape, devices))
+    start = time.perf_counter()
+    compiled = trainer.lower().compile()
+    t, m = config.train, config.model
+    return {
+        "step": "train", "topology": topology, "device_kind": devices[0].device_kind, "devices": len(devices),
+        "mesh": dict(zip(("data", "fsdp", "tensor"), trainer.mesh.devices.shape)),
+        "batch_size": t.batch_size, "seq_len": t.seq_len, "microbatches": t.microbatches,
+        "remat_policy": m.remat_policy, "attention_impl": m.attention_impl, "dtype": m.dtype,
+        "moment_dtype": t.optimizer.moment_dtype, **_report(compiled, devices, start),
     }
 
 
@@ -62,7 +120,13 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     mesh = tuple(int(x) for x in _MESH.value.split(","))
-    print(json.dumps(compile_train_step(_CONFIG.value, _TOPOLOGY.value, mesh)))
+    if _STEP.value == "train":
+        result = compile_train_step(_CONFIG.value, _TOPOLOGY.value, mesh)
+    else:
+        result = compile_generate(_CONFIG.value, _TOPOLOGY.value, mesh, batch_size=_BATCH_SIZE.value,
+                                  prompt_len=_PROMPT_LEN.value, max_new_tokens=_MAX_NEW_TOKENS.value,
+                                  num_steps=_NUM_STEPS.value, cache_strategy=_CACHE_STRATEGY.value)
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -169,10 +169,12 @@ def model_config_dict(**overrides) -> ml_collections.ConfigDict:
 def data_config() -> ml_collections.ConfigDict:
     """Defaults of the `data` config section."""
     config = ml_collections.ConfigDict()
-    config.kind = "synthetic"  # 'synthetic' (built-in learnable task) or 'mixture' (of config.sources)
+    # 'synthetic' (a learnable sequence task for smoke tests), 'shell_game' (the demo's reasoning task, see
+    # recurrent_depth.shell_game) or 'mixture' (of config.sources).
+    config.kind = "synthetic"
     # Each source: {kind: text|jsonl|array_record, paths: glob or list, weight: float, text_field: 'text'}.
     config.sources = ()
-    config.eval_sources = ()  # held-out sources for the periodic evaluation (synthetic: another seed)
+    config.eval_sources = ()  # held-out sources for the periodic evaluation (generated tasks: another seed)
     config.tokenizer = ml_collections.ConfigDict({"kind": "sentencepiece", "path": ""})
     config.document_masking = True  # attention and targets stay within documents (the original has no masking)
     return config
@@ -233,6 +235,12 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval.every = 0  # steps between held-out evaluations (0: never)
     config.eval.num_steps = (1, 4, 8, 16, 32, 64)  # recurrences evaluated, as the original did in training
     config.eval.batches = 4
+    # What eval.py evaluates on this run's workdir when its flags do not say: task specs (see eval.py) and an
+    # adaptive-exit criterion (None: fixed iteration counts only) with its threshold (None: the default).
+    config.eval.tasks = ()
+    config.eval.batch_size = 8  # sequences per evaluation batch
+    config.eval.exit_criterion = ml_collections.config_dict.placeholder(str)
+    config.eval.exit_threshold = ml_collections.config_dict.placeholder(float)
     return config
 
 

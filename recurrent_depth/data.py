@@ -24,6 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from recurrent_depth.losses import IGNORE_INDEX
+from recurrent_depth.shell_game import ShellGameTokenizer, shell_game_batch
 from recurrent_depth.synthetic import progression_batch
 from recurrent_depth.tokenizer import Tokenizer, load_tokenizer
 
@@ -127,16 +128,31 @@ class _ToModelBatch:
                 **{k: v.astype(np.int32) for k, v in batch.items()}}
 
 
-def _synthetic(batch_size: int, seq_len: int, vocab_size: int, seed: int, process_index: int,
-               process_count: int) -> grain.IterDataset:
+def _generated(make_batch, batch_size: int, process_index: int, process_count: int) -> grain.IterDataset:
+    """Batches of an in-process task: batch `step` is make_batch(step); this process keeps its rows."""
     rows = batch_size // process_count
     lo = process_index * rows
 
     def local(step):
-        batch = progression_batch(batch_size, seq_len, vocab_size, seed, step)
-        return {k: v[lo:lo + rows] for k, v in batch.items()}
+        return {k: v[lo:lo + rows] for k, v in make_batch(step).items()}
 
     return grain.MapDataset.range(2**62).map(local).to_iter_dataset()
+
+
+class _Progression:
+    def __init__(self, batch_size, seq_len, vocab_size, seed):
+        self.args = batch_size, seq_len, vocab_size, seed
+
+    def __call__(self, step):
+        return progression_batch(*self.args, step)
+
+
+class _ShellGame:
+    def __init__(self, batch_size, seq_len, seed):
+        self.args = batch_size, seq_len, seed
+
+    def __call__(self, step):
+        return shell_game_batch(*self.args, step)
 
 
 def make_dataset(config: ml_collections.ConfigDict, *, batch_size: int, seq_len: int, vocab_size: int, seed: int,
@@ -148,9 +164,15 @@ def make_dataset(config: ml_collections.ConfigDict, *, batch_size: int, seq_len:
     if batch_size % process_count:
         raise ValueError(f"the batch size {batch_size} is not divisible by {process_count} processes")
     if config.kind == "synthetic":
-        return _synthetic(batch_size, seq_len, vocab_size, seed, process_index, process_count)
+        return _generated(_Progression(batch_size, seq_len, vocab_size, seed), batch_size, process_index,
+                          process_count)
+    if config.kind == "shell_game":
+        if vocab_size < ShellGameTokenizer.vocab_size:
+            raise ValueError(f"the shell game has {ShellGameTokenizer.vocab_size} tokens but the model only "
+                             f"{vocab_size}")
+        return _generated(_ShellGame(batch_size, seq_len, seed), batch_size, process_index, process_count)
     if config.kind != "mixture":
-        raise ValueError(f"unknown data.kind {config.kind!r}; valid kinds: 'synthetic', 'mixture'")
+        raise ValueError(f"unknown data.kind {config.kind!r}; valid kinds: 'synthetic', 'shell_game', 'mixture'")
     sources = config.sources if sources is None else sources
     if not sources:
         raise ValueError("data.sources is empty: give at least one {kind, paths, weight} source")

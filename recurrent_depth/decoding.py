@@ -52,7 +52,7 @@ class _Plan:
     """Static settings of one compiled generation."""
 
     max_new_tokens: int
-    num_steps: int
+    cache_steps: int  # iterations per token the cache has room for (the num_steps argument may be lower)
     init_scale: float
     sampler: Sampler
     strategy: CacheStrategy
@@ -192,13 +192,13 @@ def _prefill(runner: _Runner, ids, lengths, key, max_len: int, num_steps: int, c
     return first, result
 
 
-def _generate(model, plan: _Plan, params, ids, lengths, stops, key):
-    """The compiled body of `generate`: prefill, then one token per while_loop step."""
+def _generate(model, plan: _Plan, params, ids, lengths, stops, key, num_steps):
+    """The compiled body of `generate`: prefill, then one token per while_loop step (num_steps traced)."""
     runner = _Runner(model, params, plan)
     batch, new = ids.shape[0], plan.max_new_tokens
     max_len = ids.shape[1] + new
     k_state, k_sample = jax.random.split(jax.random.fold_in(key, 0))
-    first, res = _prefill(runner, ids, lengths, k_state, max_len, plan.num_steps, plan.num_steps)
+    first, res = _prefill(runner, ids, lengths, k_state, max_len, num_steps, plan.cache_steps)
     token = plan.sampler(res.logits[:, 0], k_sample)
     out = dict(tokens=jnp.full((batch, new), -1, jnp.int32).at[:, 0].set(token),
                steps=jnp.zeros((batch, new), jnp.int32).at[:, 0].set(res.steps))
@@ -213,7 +213,7 @@ def _generate(model, plan: _Plan, params, ids, lengths, stops, key):
         chunk = Chunk(start=start + n - 1, real=jnp.ones((batch, 1), bool))
         rope = (lengths + n - 1)[:, None]
         res = runner.step(cache, jnp.maximum(token, 0)[:, None], chunk, rope, ~finished,
-                          jnp.zeros((batch, 1), jnp.int32), k_state, num_steps=plan.num_steps,
+                          jnp.zeros((batch, 1), jnp.int32), k_state, num_steps=num_steps,
                           criterion=plan.criterion, state=latent if plan.continuous else None)
         token = jnp.where(finished, -1, plan.sampler(res.logits[:, 0], k_sample))
         out = dict(out, tokens=out["tokens"].at[:, n].set(token), steps=out["steps"].at[:, n].set(res.steps))
@@ -231,15 +231,15 @@ def _generate(model, plan: _Plan, params, ids, lengths, stops, key):
                           steps=out["steps"], logits=out.get("logits"))
 
 
-def _speculative(model, plan: _Plan, draft_steps: int, lookahead: int, params, ids, lengths, stops, key):
+def _speculative(model, plan: _Plan, draft_steps: int, lookahead: int, params, ids, lengths, stops, key, num_steps):
     """The compiled body of `speculative_generate`: draft `lookahead` tokens at `draft_steps` iterations,
-    verify them in one chunk at the plan's num_steps, keep the agreeing prefix plus the verifier's token."""
+    verify them in one chunk at num_steps (traced), keep the agreeing prefix plus the verifier's token."""
     runner = _Runner(model, params, plan)
     batch, new, width = ids.shape[0], plan.max_new_tokens, lookahead
     max_len = ids.shape[1] + new + width
     fixed = ExitCriterion()
     k_state, k_sample = jax.random.split(jax.random.fold_in(key, 0))
-    first, res = _prefill(runner, ids, lengths, k_state, max_len, plan.num_steps, max(plan.num_steps, draft_steps))
+    first, res = _prefill(runner, ids, lengths, k_state, max_len, num_steps, max(plan.cache_steps, draft_steps))
     token = plan.sampler(res.logits[:, 0], k_sample)
     tokens = jnp.full((batch, new + width + 1), -1, jnp.int32).at[:, 0].set(token)
     state = (jnp.ones((), jnp.int32), res.cache, token, jnp.ones((batch,), jnp.int32),
@@ -265,7 +265,7 @@ def _speculative(model, plan: _Plan, draft_steps: int, lookahead: int, params, i
         span = jnp.arange(width, dtype=jnp.int32)
         res = runner.step(cache, inputs, Chunk(start=base, real=jnp.ones((batch, width), bool)),
                           (base - first)[:, None] + span, active, jnp.broadcast_to(span, (batch, width)),
-                          keys[-2], num_steps=plan.num_steps, criterion=fixed)
+                          keys[-2], num_steps=num_steps, criterion=fixed)
         agree = jnp.cumprod(jnp.argmax(res.logits, axis=-1) == drafts, axis=1).sum(axis=1)  # [batch] in [0, width]
         at = jnp.minimum(agree, width - 1)[:, None]
         fix = plan.sampler(jnp.take_along_axis(res.logits, at[:, :, None], axis=1)[:, 0], keys[-1])
@@ -358,23 +358,28 @@ def _positive_int(name: str, value) -> int:
     return int(value)
 
 
-def _plan(model: RecurrentDepthLM, max_new_tokens: int, num_steps, init_scale, sampler, cache_strategy, padding_side,
-          **rest) -> _Plan:
-    """Checks the settings shared by both generation functions; the static part of their compilation."""
+def _plan(model: RecurrentDepthLM, max_new_tokens: int, num_steps, max_steps, init_scale, sampler, cache_strategy,
+          padding_side, **rest) -> tuple[_Plan, jax.Array]:
+    """Checks the settings shared by both generation functions; returns the static part of their compilation
+    and num_steps for a traced argument."""
     cfg = model.config
     num_steps = _positive_int("num_steps", cfg.mean_recurrence if num_steps is None else num_steps)
+    max_steps = num_steps if max_steps is None else _positive_int("max_steps", max_steps)
+    if num_steps > max_steps:
+        raise ValueError(f"num_steps ({num_steps}) exceeds max_steps ({max_steps})")
     init_scale = float(cfg.init_scale if init_scale is None else init_scale)
     if init_scale < 0:
         raise ValueError(f"init_scale must be >= 0, got {init_scale}")
-    return _Plan(max_new_tokens=max_new_tokens, num_steps=num_steps, init_scale=init_scale, sampler=sampler,
+    plan = _Plan(max_new_tokens=max_new_tokens, cache_steps=max_steps, init_scale=init_scale, sampler=sampler,
                  strategy=CacheStrategy.parse(cache_strategy), left_padded=padding_side == "left", **rest)
+    return plan, np.int32(num_steps)  # numpy, not jax: a traced argument placed by jit, on any platform
 
 
 # ---- public API ------------------------------------------------------------------------------------------
 def generate(model: RecurrentDepthLM, params, prompts, *, max_new_tokens: int, lengths=None,
-             num_steps: int | None = None, init_scale: float | None = None, temperature: float = 0.0,
-             top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
-             stop_tokens: Sequence[int] = (), seed: int = 0, cache_strategy: str = "full",
+             num_steps: int | None = None, max_steps: int | None = None, init_scale: float | None = None,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             min_p: float | None = None, stop_tokens: Sequence[int] = (), seed: int = 0, cache_strategy: str = "full",
              padding_side: str = "left", continuous: bool = False, exit_criterion: str | None = None,
              exit_threshold: float | None = None, min_steps: int = 0, check_every: int = 1,
              return_logits: bool = False) -> GenerateOutput:
@@ -384,6 +389,8 @@ def generate(model: RecurrentDepthLM, params, prompts, *, max_new_tokens: int, l
       array padded on `padding_side` with `lengths` [batch] (default: no padding).
     num_steps: iterations of the core block per token (default config.mean_recurrence); with an exit
       criterion, the most a token may use.
+    max_steps: the largest num_steps this compilation serves (default num_steps): the `full` cache has room for
+      max_steps iterations per token, and a sweep over num_steps <= max_steps compiles once.
     init_scale: scale of the random initial state (default config.init_scale); 0 gives a zero state.
     temperature 0 is greedy; otherwise sampling with the optional top_k / top_p / min_p filters, from `seed`.
     stop_tokens: a sequence that emits one stops (the stop token is its last); the others go on.
@@ -399,16 +406,42 @@ def generate(model: RecurrentDepthLM, params, prompts, *, max_new_tokens: int, l
     if not isinstance(check_every, int) or check_every < 1:
         raise ValueError(f"check_every must be a positive integer, got {check_every!r}")
     ids, lengths, max_new_tokens = _prompt_arrays(model, prompts, lengths, padding_side, max_new_tokens)
-    plan = _plan(model, max_new_tokens, num_steps, init_scale, Sampler(temperature, top_k, top_p, min_p),
-                 cache_strategy, padding_side, continuous=bool(continuous),
-                 criterion=ExitCriterion.make(exit_criterion, exit_threshold), min_steps=min_steps,
-                 check_every=check_every, return_logits=bool(return_logits))
+    plan, steps = _plan(model, max_new_tokens, num_steps, max_steps, init_scale,
+                        Sampler(temperature, top_k, top_p, min_p), cache_strategy, padding_side,
+                        continuous=bool(continuous), criterion=ExitCriterion.make(exit_criterion, exit_threshold),
+                        min_steps=min_steps, check_every=check_every, return_logits=bool(return_logits))
     return _generate_jit(model, plan, nn.meta.unbox(params), ids, lengths, _stop_array(model, stop_tokens),
-                         jax.random.key(seed))
+                         jax.random.key(seed), steps)
+
+
+def lower_generate(model: RecurrentDepthLM, params, batch_size: int, prompt_len: int, *, max_new_tokens: int,
+                   num_steps: int | None = None, max_steps: int | None = None, init_scale: float | None = None,
+                   cache_strategy: str = "full", exit_criterion: str | None = None,
+                   exit_threshold: float | None = None, num_stop_tokens: int = 1, input_sharding=None,
+                   replicated=None) -> jax.stages.Lowered:
+    """`generate` (greedy, left padding) lowered for abstract inputs: params may be jax.ShapeDtypeStruct leaves
+    with shardings, prompts are [batch_size, prompt_len] placed with `input_sharding`, scalars with
+    `replicated` (NamedShardings, or None for the default device).  For ahead-of-time compilation, e.g. for a TPU slice from a CPU machine (recurrent_depth.aot);
+    call under the mesh and logical-axis rules the model's activations should be sharded with."""
+    if prompt_len + max_new_tokens > model.config.max_seq_len:
+        raise ValueError(f"prompt_len {prompt_len} + max_new_tokens {max_new_tokens} exceeds the model's context "
+                         f"(max_seq_len={model.config.max_seq_len})")
+    plan, steps = _plan(model, _positive_int("max_new_tokens", max_new_tokens), num_steps, max_steps, init_scale,
+                        Sampler(0.0, None, None, None), cache_strategy, "left",
+                        criterion=ExitCriterion.make(exit_criterion, exit_threshold))
+    spec = lambda shape, dtype, sharding: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)  # noqa: E731
+    stops = -(-max(num_stop_tokens, 1) // 8) * 8
+    rows = input_sharding and jax.sharding.NamedSharding(input_sharding.mesh, jax.sharding.PartitionSpec(
+        input_sharding.spec[0]))  # lengths [batch]: sharded like the prompts' rows
+    return _generate_jit.lower(model, plan, nn.meta.unbox(params),
+                               spec((batch_size, prompt_len), jnp.int32, input_sharding),
+                               spec((batch_size,), jnp.int32, rows), spec((stops,), jnp.int32, replicated),
+                               spec((), jax.eval_shape(jax.random.key, 0).dtype, replicated), spec((), jnp.int32, replicated))
 
 
 def speculative_generate(model: RecurrentDepthLM, params, prompts, *, max_new_tokens: int, lengths=None,
-                         num_steps: int | None = None, draft_steps: int = 4, lookahead: int = 4,
+                         num_steps: int | None = None, max_steps: int | None = None, draft_steps: int = 4,
+                         lookahead: int = 4,
                          init_scale: float | None = None, temperature: float = 0.0, top_k: int | None = None,
                          top_p: float | None = None, min_p: float | None = None, stop_tokens: Sequence[int] = (),
                          seed: int = 0, cache_strategy: str = "full",
@@ -421,7 +454,7 @@ def speculative_generate(model: RecurrentDepthLM, params, prompts, *, max_new_to
     """
     draft_steps, lookahead = _positive_int("draft_steps", draft_steps), _positive_int("lookahead", lookahead)
     ids, lengths, max_new_tokens = _prompt_arrays(model, prompts, lengths, padding_side, max_new_tokens)
-    plan = _plan(model, max_new_tokens, num_steps, init_scale, Sampler(temperature, top_k, top_p, min_p),
-                 cache_strategy, padding_side)
+    plan, steps = _plan(model, max_new_tokens, num_steps, max_steps, init_scale,
+                        Sampler(temperature, top_k, top_p, min_p), cache_strategy, padding_side)
     return _speculative_jit(model, plan, draft_steps, lookahead, nn.meta.unbox(params), ids, lengths,
-                            _stop_array(model, stop_tokens), jax.random.key(seed))
+                            _stop_array(model, stop_tokens), jax.random.key(seed), steps)

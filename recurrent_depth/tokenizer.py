@@ -90,12 +90,18 @@ class HuggingFaceTokenizer:
 
 
 def load_tokenizer(kind: str, path: str | os.PathLike) -> Tokenizer:
-    """`kind` is 'sentencepiece' (a .model file) or 'huggingface' (tokenizer.json or its directory)."""
+    """`kind` is 'sentencepiece' (a .model file), 'huggingface' (tokenizer.json or its directory) or
+    'shell_game' (the demo task's words; no file)."""
+    if kind == "shell_game":
+        from recurrent_depth.shell_game import ShellGameTokenizer
+
+        return ShellGameTokenizer()
     if kind == "sentencepiece":
         return SentencePieceTokenizer(path)
     if kind == "huggingface":
         return HuggingFaceTokenizer(path)
-    raise ValueError(f"unknown tokenizer kind {kind!r}; valid kinds: 'sentencepiece', 'huggingface'")
+    raise ValueError(f"unknown tokenizer kind {kind!r}; valid kinds: 'sentencepiece', 'huggingface', "
+                     "'shell_game'")
 
 
 def apply_chat_template(messages: Iterable[dict], add_generation_prompt: bool = True) -> str:

@@ -126,7 +126,7 @@ def _dataset(config, trainer: Trainer, seed: int, sources=None):
 def _held_out(config, trainer: Trainer) -> HeldOutEval | None:
     if not config.eval.every:
         return None
-    if config.data.kind == "synthetic":
+    if config.data.kind in ("synthetic", "shell_game"):
         dataset = _dataset(config, trainer, seed=config.seed + 1)  # another seed: problems not trained on
     elif config.data.eval_sources:
         dataset = _dataset(config, trainer, seed=config.seed, sources=config.data.eval_sources)

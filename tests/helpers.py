@@ -52,3 +52,13 @@ def local_iterator(config):
     return iter(make_dataset(config.data, batch_size=config.train.batch_size, seq_len=config.train.seq_len,
                              vocab_size=config.model.vocab_size, seed=config.seed,
                              process_index=jax.process_index(), process_count=jax.process_count()))
+
+
+def eval_requests():
+    """(loglikelihood requests, prompts) of token ids for the tiny model: lengths 1-12 and 1-3 tokens, several
+    batches of 8 with padding rows."""
+    rng = np.random.default_rng(0)
+    requests = [(rng.integers(3, 500, 1 + i % 12).tolist(), rng.integers(3, 500, 1 + i % 3).tolist())
+                for i in range(19)]
+    prompts = [rng.integers(3, 500, 2 + i).tolist() for i in range(10)]
+    return requests, prompts

@@ -13,6 +13,8 @@ import jax
 import numpy as np
 import pytest
 
+from helpers import eval_requests
+
 from recurrent_depth.config import ConfigError
 from recurrent_depth.evaluation import (Depth, EvalModel, Generations, GenerativeTask, MultipleChoiceTask,
                                         PerplexityTask, ReasoningGymTask, TaskFileError, exact_match,
@@ -20,7 +22,9 @@ from recurrent_depth.evaluation import (Depth, EvalModel, Generations, Generativ
                                         sweep)
 from recurrent_depth.evaluation.records import multiple_choice
 from recurrent_depth.evaluation.tasks import qa_prompt, rolling_windows
+from recurrent_depth.decoding import generate
 from recurrent_depth.sharding import make_mesh
+from recurrent_depth.shell_game import ShellGameTokenizer
 from recurrent_depth.tokenizer import BOS, EOS, PAD, apply_chat_template
 
 ROOT = Path(__file__).parent.parent
@@ -324,6 +328,40 @@ def test_adaptive_exit_extremes_equal_fixed_depths(lm):
     np.testing.assert_array_equal(first.steps, 1.0)
 
 
+def test_a_sweep_compiles_generation_once(lm):
+    from recurrent_depth.decoding import _generate_jit
+
+    prompts = [[5, 6, 7], [8, 9]]
+    lm.max_steps = 4  # what sweep() sets: its largest count
+    before = _generate_jit._cache_size()
+    outs = [lm.generate(prompts, Depth(r), max_new_tokens=3, stop_ids=[]) for r in (1, 2, 4)]
+    assert _generate_jit._cache_size() == before + 1
+    direct = generate(lm.model, lm.params, prompts, max_new_tokens=3, num_steps=2, init_scale=0.0)
+    assert outs[1].tokens == [row[:3] for row in np.asarray(direct.tokens).tolist()]  # same result as its own count
+
+
+@pytest.mark.slow
+def test_two_processes_evaluate_like_one(tiny, tmp_path):
+    """Scores, adaptive-exit scores and generations over 2 processes x 4 CPU devices == 1 process x 8 devices."""
+    portpicker = pytest.importorskip("portpicker")
+    port, out = portpicker.pick_unused_port(), tmp_path / "result.json"
+    worker = Path(__file__).parent / "multihost_worker.py"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [subprocess.Popen([sys.executable, str(worker), str(port), str(i), str(out), "eval"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+    logs = [p.communicate(timeout=300)[0].decode() for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-3000:]
+    result = json.loads(out.read_text())
+    model, params = tiny
+    lm = EvalModel(model, params, ShellGameTokenizer(), mesh=make_mesh((1, -1, 1)), batch_size=8, progress=False)
+    requests, prompts = eval_requests()
+    fixed, adaptive = lm.loglikelihood(requests, Depth(2)), lm.loglikelihood(requests, Depth(4, "kl", 1e-2))
+    np.testing.assert_allclose(result["fixed"], fixed.logprob, rtol=1e-5)
+    np.testing.assert_allclose(result["adaptive"], adaptive.logprob, rtol=1e-5)
+    np.testing.assert_array_equal(result["adaptive_steps"], adaptive.steps)
+    assert result["tokens"] == lm.generate(prompts, Depth(3), max_new_tokens=4, stop_ids=[]).tokens
+
+
 # ---- eval.py ------------------------------------------------------------------------------------------------
 def _cpu_env():
     """The environment for a subprocess with a single CPU device (no forced device count)."""
@@ -353,7 +391,6 @@ def hf_checkpoint(tmp_path_factory):
 
 def test_eval_py_end_to_end(hf_checkpoint, files, tmp_path):
     pytest.importorskip("reasoning_gym")
-    pytest.importorskip("matplotlib")
     out, doc = tmp_path / "out", tmp_path / "short.txt"
     doc.write_text("hello world.")
     # Shapes chosen for few compilations: scoring prompts fit 16 positions, generation prompts 64.

@@ -166,7 +166,7 @@ def test_two_processes_agree_with_one(tmp_path):
     worker = Path(__file__).parent / "multihost_worker.py"
     out = tmp_path / "result.json"
     env = {k: v for k, v in __import__("os").environ.items() if k != "XLA_FLAGS"}
-    procs = [subprocess.Popen([sys.executable, str(worker), str(port), str(i), str(out)], env=env,
+    procs = [subprocess.Popen([sys.executable, str(worker), str(port), str(i), str(out), "train"], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
     logs = [p.communicate(timeout=300)[0].decode() for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-3000:]

@@ -127,6 +127,9 @@ class EvalModel:
         self._score = jax.jit(self._score_fn, out_shardings=replicated,
                               in_shardings=(self.param_shardings,) + (batch,) * 5 + (replicated,) * 2)
         self.compilations = 0  # traces of the scoring function (the sweep should not add any)
+        # Generation compiles for iteration counts up to max_steps (a sweep sets its largest count), so that every
+        # count of a sweep shares one compilation.
+        self.max_steps = 1
 
     # ---- text --------------------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -288,7 +291,8 @@ class EvalModel:
                         raise ValueError(f"prompt {i} is empty")
                     ids[b, length - len(prompt):], lengths[b] = prompt, len(prompt)
                 out = generate(self.model, self.params, ids, lengths=lengths, max_new_tokens=max_new_tokens,
-                               num_steps=depth.num_steps, init_scale=self.init_scale, temperature=temperature,
+                               num_steps=depth.num_steps, max_steps=max(self.max_steps, depth.num_steps),
+                               init_scale=self.init_scale, temperature=temperature,
                                top_k=top_k, top_p=top_p, stop_tokens=stop_ids, seed=self.seed,
                                exit_criterion=depth.exit_criterion, exit_threshold=depth.exit_threshold,
                                return_logits=return_logits)

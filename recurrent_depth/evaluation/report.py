@@ -1,4 +1,4 @@
-"""What a sweep leaves behind: a console table, results.json, per-example samples and one PNG per metric.
+"""What a sweep leaves behind: a console table, results.json, per-example samples and PNG plots.
 
 Each plot shows a task's metric against the iteration count (log-2 axis); an adaptive-exit setting is a marker at
 its mean iterations used, so it reads as accuracy against compute.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import warnings
 from pathlib import Path
 
 RESULTS_FILE = "results.json"
@@ -38,42 +37,52 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")
 
 
+def _draw(ax, entries: list[dict], task: str, metric: str, prefix: str = "") -> None:
+    """One task's metric: a line over the fixed iteration counts, a star per adaptive-exit setting."""
+    fixed = sorted((e for e in entries if e["exit_criterion"] is None), key=lambda e: e["num_steps"])
+    points = [(e["num_steps"], e["tasks"][task][metric]) for e in fixed if metric in e["tasks"].get(task, {})]
+    line = ax.plot(*zip(*points), marker="o", label=f"{prefix}fixed iterations")[0] if points else None
+    for e in entries:
+        result = e["tasks"].get(task, {})
+        if e["exit_criterion"] is not None and metric in result and "mean_steps" in result:
+            ax.plot(result["mean_steps"], result[metric], marker="*", markersize=12, linestyle="none",
+                    color=None if line is None else line.get_color(), label=f"{prefix}adaptive: {e['setting']}")
+
+
 def plot(entries: list[dict], directory: Path) -> list[Path]:
-    """One PNG per (task, metric) under `directory`; returns the paths."""
+    """One PNG per (task, metric) under `directory`, plus one per metric that several tasks share (all of them
+    in one figure); returns the paths."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fixed = sorted((e for e in entries if e["exit_criterion"] is None), key=lambda e: e["num_steps"])
-    adaptive = [e for e in entries if e["exit_criterion"] is not None]
     directory.mkdir(parents=True, exist_ok=True)
+    tasks = list(dict.fromkeys(t for e in entries for t in e["tasks"]))
+    metrics = {t: [m for m in dict.fromkeys(m for e in entries for m in e["tasks"].get(t, {})) if m not in NOT_PLOTTED]
+               for t in tasks}
+    figures = [([t], m, f"{t}: {m}", f"{_slug(t)}__{_slug(m)}.png") for t in tasks for m in metrics[t]]
+    for metric in dict.fromkeys(m for t in tasks for m in metrics[t]):
+        sharing = [t for t in tasks if metric in metrics[t]]
+        if len(sharing) > 1:
+            figures.append((sharing, metric, metric, f"all_tasks__{_slug(metric)}.png"))
+    ticks = sorted({e["num_steps"] for e in entries})
     paths = []
-    for task in dict.fromkeys(t for e in entries for t in e["tasks"]):
-        metrics = dict.fromkeys(m for e in entries for m in e["tasks"].get(task, {}) if m not in NOT_PLOTTED)
-        for metric in metrics:
-            fig, ax = plt.subplots(figsize=(5.5, 3.8))
-            points = [(e["num_steps"], e["tasks"][task][metric]) for e in fixed if metric in e["tasks"].get(task, {})]
-            if points:
-                ax.plot(*zip(*points), marker="o", label="fixed iterations")
-            for e in adaptive:
-                result = e["tasks"].get(task, {})
-                if metric in result and "mean_steps" in result:
-                    ax.plot(result["mean_steps"], result[metric], marker="*", markersize=12, linestyle="none",
-                            label=f"adaptive: {e['setting']}")
-            ax.set_xscale("log", base=2)
-            ticks = sorted({e["num_steps"] for e in entries})
-            ax.set_xticks(ticks, [str(t) for t in ticks])
-            ax.set_xlabel("iterations of the recurrent block (mean under adaptive exit)")
-            ax.set_ylabel(metric)
-            ax.set_title(f"{task}: {metric}")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize="small")
-            fig.tight_layout()
-            path = directory / f"{_slug(task)}__{_slug(metric)}.png"
-            fig.savefig(path, dpi=110)
-            plt.close(fig)
-            paths.append(path)
+    for shown, metric, title, name in figures:
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        for task in shown:
+            _draw(ax, entries, task, metric, prefix=f"{task}, " if len(shown) > 1 else "")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.set_xlabel("iterations of the recurrent block (mean under adaptive exit)")
+        ax.set_ylabel(metric)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+        fig.tight_layout()
+        fig.savefig(directory / name, dpi=110)
+        plt.close(fig)
+        paths.append(directory / name)
     return paths
 
 
@@ -86,11 +95,7 @@ def write(output: str | Path, header: dict, entries: list[dict], samples: dict[t
         path = output / "samples" / _slug(task) / f"{_slug(setting)}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    try:
-        plots = [str(p.relative_to(output)) for p in plot(entries, output / "plots")]
-    except ImportError:
-        warnings.warn("matplotlib is not installed, so no plots were written: pip install 'recurrent-depth[eval]'")
-        plots = []
+    plots = [str(p.relative_to(output)) for p in plot(entries, output / "plots")]
     results = {**header, "results": entries, "plots": plots}
     (output / RESULTS_FILE).write_text(json.dumps(results, indent=2))
     return results

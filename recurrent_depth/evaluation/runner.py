@@ -73,8 +73,9 @@ def find_tokenizer(checkpoint: str | os.PathLike, path: str | None = None,
         return load_tokenizer("sentencepiece" if str(path).endswith(".model") else "huggingface", path)
     if (checkpoint / "tokenizer.json").exists():
         return load_tokenizer("huggingface", checkpoint)
-    if run_config is not None and run_config.get("data") and run_config.data.tokenizer.path:
-        return load_tokenizer(run_config.data.tokenizer.kind, run_config.data.tokenizer.path)
+    named = run_config is not None and run_config.get("data") and run_config.data.tokenizer
+    if named and (named.path or named.kind == "shell_game"):
+        return load_tokenizer(named.kind, named.path)
     raise FileNotFoundError(f"no tokenizer for {checkpoint}: it has no tokenizer.json and no config names one; "
                             f"pass --tokenizer=PATH (a SentencePiece .model or a tokenizer.json)")
 
@@ -101,6 +102,7 @@ def sweep(lm: EvalModel, tasks: Sequence[Task], depths: Sequence[Depth]
           ) -> tuple[list[dict], dict[tuple[str, str], list[dict]]]:
     """Every task at every depth: one results entry per depth, and the per-example samples."""
     entries, samples = [], {}
+    lm.max_steps = max(lm.max_steps, *(d.num_steps for d in depths))  # one generation compilation for the sweep
     progress = tqdm(total=len(tasks) * len(depths), desc="eval", disable=not lm.progress)
     for depth in depths:
         entry = {"setting": depth.label, "num_steps": depth.num_steps, "exit_criterion": depth.exit_criterion,
@@ -130,24 +132,42 @@ def depths_for(num_steps: Sequence[int], exit_criterion: str | None = None, exit
     return depths
 
 
-def evaluate_checkpoint(checkpoint: str | os.PathLike, tasks: Sequence[str | Task], *,
+def evaluate_checkpoint(checkpoint: str | os.PathLike, tasks: Sequence[str | Task] | None = None, *,
                         num_steps: Sequence[int] | None = None, output: str | os.PathLike | None = None,
                         config: str | None = None, tokenizer: str | None = None,
-                        mesh: str | Sequence[int] | None = None, batch_size: int = 8, dtype: str | None = None,
-                        init_scale: float = 0.0, seed: int = 0, exit_criterion: str | None = None,
+                        mesh: str | Sequence[int] | None = None, batch_size: int | None = None,
+                        dtype: str | None = None, init_scale: float = 0.0, seed: int = 0,
+                        exit_criterion: str | None = None,
                         exit_threshold: float | None = None, max_exit_steps: int | None = None,
                         chat_template: bool = False, system_prompt: str | None = None,
                         progress: bool = True) -> dict:
-    """The whole evaluation: tasks (specs or Task objects, checked first) at each iteration count (default: the
-    config's or the workdir's eval.num_steps, else 1,4,8,16,32) and optionally under adaptive exit; prints the
-    table and, with `output`, writes results.json, samples and plots there.  Returns the results."""
-    defaults = {"chat": chat_template, "system": system_prompt}
-    tasks = parse_tasks(list(tasks), defaults)
+    """The whole evaluation: tasks (specs or Task objects, checked first) at each iteration count and optionally
+    under adaptive exit; prints the table and, with `output`, writes results.json, samples and plots there.
+
+    What is not given comes from the run's config (the --config file or the workdir's): its eval.tasks,
+    eval.num_steps (else 1,4,8,16,32), eval.batch_size (else 8) and eval.exit_criterion / exit_threshold ('none'
+    turns adaptive exit off).
+    Returns the results.
+    """
+    if not Path(checkpoint).exists():
+        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist (a train.py workdir, a parameter "
+                                f"checkpoint or a Hugging Face directory)")
+    run_config = _run_config(Path(checkpoint), config)
+    defaults = run_config.get("eval") if run_config is not None else None
+    defaults = defaults if defaults is not None else ml_collections.ConfigDict()
+    if not tasks:
+        tasks = list(defaults.get("tasks") or ())
+        if not tasks:
+            where = "its run config" if run_config is not None else "no run config (not a train.py workdir)"
+            raise ValueError(f"no tasks to evaluate: pass --tasks ({checkpoint} has {where} naming eval.tasks)")
+    if exit_criterion is None and exit_threshold is None:
+        exit_criterion, exit_threshold = defaults.get("exit_criterion"), defaults.get("exit_threshold")
+    exit_criterion = None if exit_criterion == "none" else exit_criterion
+    tasks = parse_tasks(list(tasks), {"chat": chat_template, "system": system_prompt})
     if num_steps is None:
-        run_config = _run_config(Path(checkpoint), config)
-        has_eval = run_config is not None and run_config.get("eval") is not None
-        num_steps = tuple(run_config.eval.num_steps) if has_eval else DEFAULT_NUM_STEPS
+        num_steps = tuple(defaults.num_steps) if defaults.get("num_steps") else DEFAULT_NUM_STEPS
     depths = depths_for(num_steps, exit_criterion, exit_threshold, max_exit_steps)
+    batch_size = batch_size or defaults.get("batch_size") or 8
     lm = load_eval_model(checkpoint, tokenizer=tokenizer, config=config, dtype=dtype, mesh=mesh,
                          batch_size=batch_size, init_scale=init_scale, seed=seed, progress=progress)
     entries, samples = sweep(lm, tasks, depths)

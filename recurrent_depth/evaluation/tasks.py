@@ -1,4 +1,5 @@
-"""Evaluation tasks: perplexity, multiple choice, generative (GSM8K protocol) and reasoning-gym problems.
+"""Evaluation tasks: perplexity, multiple choice, generative (GSM8K protocol), reasoning-gym problems and the
+demo's shell game.
 
 A task is given on the command line as `KIND:TARGET[:KEY=VALUE...]` (see `parse_task`); each reads and checks its
 data when built, before any model is loaded, and `evaluate(lm, depth)` returns its metrics at one depth.
@@ -14,6 +15,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from recurrent_depth import shell_game
 from recurrent_depth.evaluation import answers, records
 from recurrent_depth.evaluation.engine import Depth, EvalModel, Generations, generate_text
 from recurrent_depth.tokenizer import apply_chat_template
@@ -248,10 +250,43 @@ class ReasoningGymTask(Task):
         return TaskResult(_with_steps({"score": total / len(self.entries)}, depth, *_per_token(out)), samples)
 
 
+class ShellGameTask(Task):
+    """Held-out problems of the demo's shell game (recurrent_depth.shell_game) with MIN..MAX swaps (lengths evenly
+    spread), from a random stream that training never reads.  Metric `acc`: the model's argmax after the last
+    swap is the cup that hides the ball."""
+
+    kind = "shell_game"
+    OPTIONS: ClassVar[dict[str, type]] = {"size": int, "seed": int}
+
+    def __init__(self, name: str, lengths: str, size: int = 512, seed: int = 0):
+        super().__init__(name)
+        try:
+            lo, _, hi = lengths.partition("-")
+            self.lengths = (int(lo), int(hi or lo))
+        except ValueError:
+            raise ValueError(f"task {name}: lengths must be MIN-MAX or one number, got {lengths!r}") from None
+        if not 1 <= self.lengths[0] <= self.lengths[1] or size < 1:
+            raise ValueError(f"task {name}: need 1 <= MIN <= MAX and size >= 1, got {lengths!r} and {size}")
+        self.size, self.seed = size, seed
+        self.problems = shell_game.held_out_problems(size, seed, self.lengths)
+
+    def info(self) -> dict:
+        return {"kind": self.kind, "lengths": list(self.lengths), "size": self.size, "seed": self.seed}
+
+    def evaluate(self, lm: EvalModel, depth: Depth) -> TaskResult:
+        pairs = [([lm.tokenizer.bos_id, *swaps], [cup]) for swaps, cup in self.problems]
+        scores = lm.loglikelihood(pairs, depth, desc=f"{self.name} {depth.label}")
+        samples = [{"swaps": lm.tokenizer.decode(swaps), "ball": lm.tokenizer.decode([cup]), "length": len(swaps),
+                    "correct": bool(ok)} for (swaps, cup), ok in zip(self.problems, scores.greedy)]
+        metrics = {"acc": float(np.mean(scores.greedy))}
+        return TaskResult(_with_steps(metrics, depth, scores.steps, np.ones(len(pairs))), samples)
+
+
 KINDS: dict[str, type[Task]] = {"ppl": PerplexityTask, "perplexity": PerplexityTask, "mc": MultipleChoiceTask,
                                 "multiple_choice": MultipleChoiceTask, "gen": GenerativeTask,
                                 "generative": GenerativeTask, "rg": ReasoningGymTask,
-                                "reasoning_gym": ReasoningGymTask}
+                                "reasoning_gym": ReasoningGymTask, "shell": ShellGameTask,
+                                "shell_game": ShellGameTask}
 
 
 def _value(text: str, kind: type | None):
@@ -279,7 +314,7 @@ def parse_task(spec: str, defaults: dict | None = None) -> Task:
         raise ValueError(f"task {spec!r}: expected KIND:TARGET[:KEY=VALUE...] with KIND one of {sorted(KINDS)}")
     cls = KINDS[kind]
     target, *options = rest.split(":")
-    name = f"{kind}:{Path(target).stem if cls is not ReasoningGymTask else target}"
+    name = f"{kind}:{target if cls in (ReasoningGymTask, ShellGameTask) else Path(target).stem}"
     kwargs = {k: v for k, v in (defaults or {}).items() if k in cls.OPTIONS and v is not None}
     for option in options:
         key, eq, text = option.partition("=")
