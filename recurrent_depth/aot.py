@@ -40,8 +40,20 @@ def _tpu_devices(topology: str):
     return topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
 
 
-def _report(compiled, devices, start: float) -> dict:
-    """Per-device memory against the chip's HBM, compiled FLOPs and compile time of a compiled function."""
+def _compile_and_report(lowered, devices, start: float) -> dict:
+    """Compiles; per-device memory against the chip's HBM, compiled FLOPs and compile time.  A program that XLA
+    finds too large for the chip is reported as not fitting, with XLA's message."""
+    import jax
+
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as err:
+        if "RESOURCE_EXHAUSTED" not in str(err):
+            raise
+        hbm = HBM_BYTES.get(devices[0].device_kind)
+        return {"fits": False, "hbm_gib": round(hbm / GIB, 1) if hbm else None,
+                "compile_error": str(err).strip().splitlines()[-1][:400],
+                "compile_seconds": round(time.perf_counter() - start, 1)}
     memory, cost = compiled.memory_analysis(), compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     used = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
@@ -87,13 +99,13 @@ def compile_generate(config, topology: str, mesh_shape, *, batch_size: int, prom
                                  num_steps=num_steps, init_scale=0.0, cache_strategy=cache_strategy,
                                  input_sharding=sharding.batch_sharding(mesh, rules),
                                  replicated=sharding.replicated(mesh))
-        compiled = lowered.compile()
+        report = _compile_and_report(lowered, devices, start)
     m = config.model
     return {"step": "generate", "topology": topology, "device_kind": devices[0].device_kind,
             "devices": len(devices), "mesh": dict(zip(("data", "fsdp", "tensor"), mesh.devices.shape)),
             "batch_size": batch_size, "prompt_len": prompt_len, "max_new_tokens": max_new_tokens,
             "num_steps": num_steps, "cache_strategy": cache_strategy, "param_dtype": m.param_dtype,
-            "dtype": m.dtype, **_report(compiled, devices, start)}
+            "dtype": m.dtype, **report}
 
 
 def compile_train_step(config, topology: str, mesh_shape) -> dict:
@@ -105,14 +117,14 @@ def compile_train_step(config, topology: str, mesh_shape) -> dict:
     config.mesh.shape = tuple(mesh_shape)
     trainer = Trainer(config, make_mesh(mesh_shape, devices))
     start = time.perf_counter()
-    compiled = trainer.lower().compile()
+    report = _compile_and_report(trainer.lower(), devices, start)
     t, m = config.train, config.model
     return {
         "step": "train", "topology": topology, "device_kind": devices[0].device_kind, "devices": len(devices),
         "mesh": dict(zip(("data", "fsdp", "tensor"), trainer.mesh.devices.shape)),
         "batch_size": t.batch_size, "seq_len": t.seq_len, "microbatches": t.microbatches,
         "remat_policy": m.remat_policy, "attention_impl": m.attention_impl, "dtype": m.dtype,
-        "moment_dtype": t.optimizer.moment_dtype, **_report(compiled, devices, start),
+        "moment_dtype": t.optimizer.moment_dtype, **report,
     }
 
 

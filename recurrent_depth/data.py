@@ -12,6 +12,7 @@ every checkpoint, so a resumed run reads exactly the batches the interrupted one
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import json
 import sys
@@ -139,22 +140,6 @@ def _generated(make_batch, batch_size: int, process_index: int, process_count: i
     return grain.MapDataset.range(2**62).map(local).to_iter_dataset()
 
 
-class _Progression:
-    def __init__(self, batch_size, seq_len, vocab_size, seed):
-        self.args = batch_size, seq_len, vocab_size, seed
-
-    def __call__(self, step):
-        return progression_batch(*self.args, step)
-
-
-class _ShellGame:
-    def __init__(self, batch_size, seq_len, seed):
-        self.args = batch_size, seq_len, seed
-
-    def __call__(self, step):
-        return shell_game_batch(*self.args, step)
-
-
 def make_dataset(config: ml_collections.ConfigDict, *, batch_size: int, seq_len: int, vocab_size: int, seed: int,
                  process_index: int = 0, process_count: int = 1, sources=None) -> grain.IterDataset:
     """This process's batches of `batch_size // process_count` rows (an infinite, checkpointable grain dataset).
@@ -164,13 +149,14 @@ def make_dataset(config: ml_collections.ConfigDict, *, batch_size: int, seq_len:
     if batch_size % process_count:
         raise ValueError(f"the batch size {batch_size} is not divisible by {process_count} processes")
     if config.kind == "synthetic":
-        return _generated(_Progression(batch_size, seq_len, vocab_size, seed), batch_size, process_index,
-                          process_count)
+        return _generated(functools.partial(progression_batch, batch_size, seq_len, vocab_size, seed), batch_size,
+                          process_index, process_count)
     if config.kind == "shell_game":
         if vocab_size < ShellGameTokenizer.vocab_size:
             raise ValueError(f"the shell game has {ShellGameTokenizer.vocab_size} tokens but the model only "
                              f"{vocab_size}")
-        return _generated(_ShellGame(batch_size, seq_len, seed), batch_size, process_index, process_count)
+        return _generated(functools.partial(shell_game_batch, batch_size, seq_len, seed), batch_size,
+                          process_index, process_count)
     if config.kind != "mixture":
         raise ValueError(f"unknown data.kind {config.kind!r}; valid kinds: 'synthetic', 'shell_game', 'mixture'")
     sources = config.sources if sources is None else sources

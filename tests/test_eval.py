@@ -18,8 +18,8 @@ from helpers import eval_requests
 from recurrent_depth.config import ConfigError
 from recurrent_depth.evaluation import (Depth, EvalModel, Generations, GenerativeTask, MultipleChoiceTask,
                                         PerplexityTask, ReasoningGymTask, TaskFileError, exact_match,
-                                        extract_flexible, extract_strict, load_eval_model, parse_task, parse_tasks,
-                                        sweep)
+                                        evaluate_checkpoint, extract_flexible, extract_strict, load_eval_model,
+                                        parse_task, parse_tasks, sweep)
 from recurrent_depth.evaluation.records import multiple_choice
 from recurrent_depth.evaluation.tasks import qa_prompt, rolling_windows
 from recurrent_depth.decoding import generate
@@ -457,6 +457,10 @@ def test_bad_input_gives_clear_errors(tmp_path, files, tiny, hf_checkpoint):
     load_eval_model(hf_checkpoint, config=str(ROOT / "configs" / "tiny.py"), mesh="8,1,1", progress=False)
     with pytest.raises(FileNotFoundError, match="pass --tokenizer"):
         load_eval_model(TINY_CHECKPOINT)
+    with pytest.raises(ValueError, match="no tasks to evaluate: pass --tasks .* is not a train.py workdir"):
+        evaluate_checkpoint(TINY_CHECKPOINT)
+    with pytest.raises(FileNotFoundError, match="checkpoint .*nowhere does not exist"):
+        evaluate_checkpoint(tmp_path / "nowhere", ["shell:1-2"])
     model, params = tiny
     big = type("Big", (CharTokenizer,), {"vocab_size": 1000})()
     with pytest.raises(ValueError, match="tokenizer has 1000 tokens but the model only 512"):

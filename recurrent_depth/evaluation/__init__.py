@@ -8,9 +8,9 @@ from recurrent_depth.evaluation.engine import Depth, EvalModel, Generations, Sco
 from recurrent_depth.evaluation.records import TaskFileError
 from recurrent_depth.evaluation.runner import evaluate_checkpoint, load_eval_model, sweep
 from recurrent_depth.evaluation.tasks import (GenerativeTask, MultipleChoiceTask, PerplexityTask, ReasoningGymTask,
-                                              Task, TaskResult, parse_task, parse_tasks)
+                                              ShellGameTask, Task, TaskResult, parse_task, parse_tasks)
 
 __all__ = ["Depth", "EvalModel", "GenerativeTask", "Generations", "MultipleChoiceTask", "PerplexityTask",
-           "ReasoningGymTask", "Scores", "Task", "TaskFileError", "TaskResult", "evaluate_checkpoint",
+           "ReasoningGymTask", "Scores", "ShellGameTask", "Task", "TaskFileError", "TaskResult", "evaluate_checkpoint",
            "exact_match", "extract_flexible", "extract_strict", "load_eval_model", "parse_task", "parse_tasks",
            "sweep"]

@@ -158,8 +158,9 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, tasks: Sequence[str | Tas
     if not tasks:
         tasks = list(defaults.get("tasks") or ())
         if not tasks:
-            where = "its run config" if run_config is not None else "no run config (not a train.py workdir)"
-            raise ValueError(f"no tasks to evaluate: pass --tasks ({checkpoint} has {where} naming eval.tasks)")
+            where = (f"the run config of {checkpoint} names no eval.tasks" if run_config is not None
+                     else f"{checkpoint} is not a train.py workdir, whose config could name them")
+            raise ValueError(f"no tasks to evaluate: pass --tasks ({where})")
     if exit_criterion is None and exit_threshold is None:
         exit_criterion, exit_threshold = defaults.get("exit_criterion"), defaults.get("exit_threshold")
     exit_criterion = None if exit_criterion == "none" else exit_criterion
