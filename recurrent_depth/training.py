@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from recurrent_depth import sharding
 from recurrent_depth.config import ModelConfig

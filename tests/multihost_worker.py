@@ -1,5 +1,5 @@
-"""One process of the two-process tests: a few sharded train steps (tests/test_training.py) or sharded
-evaluation (tests/test_eval.py) over 2 processes x 4 CPU devices; process 0 writes the results as JSON."""
+"""One process of the two-process test (tests/test_multihost.py): a few sharded train steps and sharded
+evaluation over 2 processes x 4 CPU devices; process 0 writes the results as JSON."""
 
 import json
 import sys
@@ -34,10 +34,10 @@ def evaluate() -> dict:
             "adaptive_steps": adaptive.steps.tolist(), "tokens": generated.tokens}
 
 
-def main(port: int, process_id: int, out: str, job: str) -> None:
+def main(port: int, process_id: int, out: str) -> None:
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
     assert jax.device_count() == 8 and jax.local_device_count() == 4
-    result = train_steps() if job == "train" else evaluate()
+    result = {"train": train_steps(), "eval": evaluate()}
     if jax.process_index() == 0:
         with open(out, "w") as f:
             json.dump(result, f)
@@ -45,4 +45,4 @@ def main(port: int, process_id: int, out: str, job: str) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4] if len(sys.argv) > 4 else "train")
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])

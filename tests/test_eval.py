@@ -13,7 +13,6 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import eval_requests
 
 from recurrent_depth.config import ConfigError
 from recurrent_depth.evaluation import (Depth, EvalModel, Generations, GenerativeTask, MultipleChoiceTask,
@@ -24,7 +23,6 @@ from recurrent_depth.evaluation.records import multiple_choice
 from recurrent_depth.evaluation.tasks import qa_prompt, rolling_windows
 from recurrent_depth.decoding import generate
 from recurrent_depth.sharding import make_mesh
-from recurrent_depth.shell_game import ShellGameTokenizer
 from recurrent_depth.tokenizer import BOS, EOS, PAD, apply_chat_template
 
 ROOT = Path(__file__).parent.parent
@@ -338,28 +336,6 @@ def test_a_sweep_compiles_generation_once(lm):
     assert _generate_jit._cache_size() == before + 1
     direct = generate(lm.model, lm.params, prompts, max_new_tokens=3, num_steps=2, init_scale=0.0)
     assert outs[1].tokens == [row[:3] for row in np.asarray(direct.tokens).tolist()]  # same result as its own count
-
-
-@pytest.mark.slow
-def test_two_processes_evaluate_like_one(tiny, tmp_path):
-    """Scores, adaptive-exit scores and generations over 2 processes x 4 CPU devices == 1 process x 8 devices."""
-    portpicker = pytest.importorskip("portpicker")
-    port, out = portpicker.pick_unused_port(), tmp_path / "result.json"
-    worker = Path(__file__).parent / "multihost_worker.py"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    procs = [subprocess.Popen([sys.executable, str(worker), str(port), str(i), str(out), "eval"], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
-    logs = [p.communicate(timeout=300)[0].decode() for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-3000:]
-    result = json.loads(out.read_text())
-    model, params = tiny
-    lm = EvalModel(model, params, ShellGameTokenizer(), mesh=make_mesh((1, -1, 1)), batch_size=8, progress=False)
-    requests, prompts = eval_requests()
-    fixed, adaptive = lm.loglikelihood(requests, Depth(2)), lm.loglikelihood(requests, Depth(4, "kl", 1e-2))
-    np.testing.assert_allclose(result["fixed"], fixed.logprob, rtol=1e-5)
-    np.testing.assert_allclose(result["adaptive"], adaptive.logprob, rtol=1e-5)
-    np.testing.assert_array_equal(result["adaptive_steps"], adaptive.steps)
-    assert result["tokens"] == lm.generate(prompts, Depth(3), max_new_tokens=4, stop_ids=[]).tokens
 
 
 # ---- eval.py ------------------------------------------------------------------------------------------------

@@ -5,7 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import TINY
 
 
 def test_random_state_init_has_the_paper_statistics(tiny):

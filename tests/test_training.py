@@ -1,18 +1,14 @@
 """The sharded train step: sharded == single device, one compilation for every (n, k), accumulation,
-non-finite handling, multi-host, and the training loop."""
+non-finite handling and the training loop (multi-host: tests/test_multihost.py)."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import portpicker
 import pytest
 
-from helpers import assert_close, load_config, local_iterator, run_steps, small_config
+from helpers import assert_close, load_config, small_config
 from recurrent_depth import flops
 from recurrent_depth.config import ModelConfig
 from recurrent_depth.sharding import make_mesh, resolve_mesh_shape
@@ -157,21 +153,3 @@ def test_training_loop_loss_falls_and_metrics_are_written(tmp_path):
         assert all(key in r for r in records), key
     assert records[-1]["loss"] < records[0]["loss"] - 1.0  # the progression task is learnable
     assert all(r["tokens_per_sec"] > 0 and 0 < r["mfu"] < 1 for r in records)
-
-
-@pytest.mark.slow
-def test_two_processes_agree_with_one(tmp_path):
-    """Two processes x 4 CPU devices (jax.distributed over localhost) == one process x 8 devices."""
-    port = portpicker.pick_unused_port()
-    worker = Path(__file__).parent / "multihost_worker.py"
-    out = tmp_path / "result.json"
-    env = {k: v for k, v in __import__("os").environ.items() if k != "XLA_FLAGS"}
-    procs = [subprocess.Popen([sys.executable, str(worker), str(port), str(i), str(out), "train"], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
-    logs = [p.communicate(timeout=300)[0].decode() for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-3000:]
-    result = json.loads(out.read_text())
-    config = small_config()
-    losses, checksum = run_steps(Trainer(config, make_mesh((2, 2, 2))), local_iterator(config), steps=3)
-    np.testing.assert_allclose(result["losses"], losses, rtol=1e-6)
-    np.testing.assert_allclose(result["checksum"], checksum, rtol=1e-6)

@@ -1,0 +1,45 @@
+"""Two processes x 4 CPU devices (jax.distributed over localhost) against one process x 8 devices: training steps
+and evaluation (scores, adaptive-exit scores, generations) give the same results."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import eval_requests, local_iterator, run_steps, small_config
+from recurrent_depth.evaluation import Depth, EvalModel
+from recurrent_depth.sharding import make_mesh
+from recurrent_depth.shell_game import ShellGameTokenizer
+from recurrent_depth.training import Trainer
+
+
+@pytest.mark.slow
+def test_two_processes_train_and_evaluate_like_one(tiny, tmp_path):
+    portpicker = pytest.importorskip("portpicker")
+    port, out = portpicker.pick_unused_port(), tmp_path / "result.json"
+    worker = Path(__file__).parent / "multihost_worker.py"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [subprocess.Popen([sys.executable, str(worker), str(port), str(i), str(out)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+    logs = [p.communicate(timeout=400)[0].decode() for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-3000:]
+    result = json.loads(out.read_text())
+
+    config = small_config()
+    losses, checksum = run_steps(Trainer(config, make_mesh((2, 2, 2))), local_iterator(config), steps=3)
+    np.testing.assert_allclose(result["train"]["losses"], losses, rtol=1e-6)
+    np.testing.assert_allclose(result["train"]["checksum"], checksum, rtol=1e-6)
+
+    model, params = tiny
+    lm = EvalModel(model, params, ShellGameTokenizer(), mesh=make_mesh((1, -1, 1)), batch_size=8, progress=False)
+    requests, prompts = eval_requests()
+    fixed, adaptive = lm.loglikelihood(requests, Depth(2)), lm.loglikelihood(requests, Depth(4, "kl", 1e-2))
+    result = result["eval"]
+    np.testing.assert_allclose(result["fixed"], fixed.logprob, rtol=1e-5)
+    np.testing.assert_allclose(result["adaptive"], adaptive.logprob, rtol=1e-5)
+    np.testing.assert_array_equal(result["adaptive_steps"], adaptive.steps)
+    assert result["tokens"] == lm.generate(prompts, Depth(3), max_new_tokens=4, stop_ids=[]).tokens
