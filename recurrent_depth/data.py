@@ -15,8 +15,9 @@ import argparse
 import functools
 import glob
 import json
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import grain
@@ -44,24 +45,34 @@ def expand_paths(pattern: str | Sequence[str]) -> list[str]:
     return files
 
 
+def jsonl_records(path: str | os.PathLike, error: type[ValueError] = ValueError) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL file; a malformed line raises `error` naming the
+    file and line."""
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise error(f"{path}:{number}: malformed JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(record, dict):
+                raise error(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+            yield number, record
+
+
 def read_documents(kind: str, files: Sequence[str], text_field: str = "text") -> list[str]:
     """Documents of text or JSONL files; malformed JSONL names the file and line."""
     docs = []
     for file in files:
-        with open(file, encoding="utf-8") as f:
-            if kind == "text":
+        if kind == "text":
+            with open(file, encoding="utf-8") as f:
                 docs += [d for d in f.read().split("\n\n") if d.strip()]
-                continue
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{file}:{number}: malformed JSON ({err.msg})") from None
-                if not isinstance(record, dict) or text_field not in record:
-                    raise ValueError(f"{file}:{number}: no field {text_field!r}")
-                docs.append(str(record[text_field]))
+            continue
+        for number, record in jsonl_records(file):
+            if text_field not in record:
+                raise ValueError(f"{file}:{number}: no field {text_field!r}")
+            docs.append(str(record[text_field]))
     return docs
 
 

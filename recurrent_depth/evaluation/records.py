@@ -7,11 +7,12 @@ delimiter " "), so that accuracies are comparable with the paper's lm-eval numbe
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from collections.abc import Callable
 from pathlib import Path
+
+from recurrent_depth.data import jsonl_records
 
 
 class TaskFileError(ValueError):
@@ -30,19 +31,10 @@ def read_jsonl(path: str | os.PathLike, limit: int | None = None) -> list[tuple[
     """(line number, record) for each non-blank line of a JSONL file (at most `limit` records)."""
     path = check_file(path)
     records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if limit is not None and len(records) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise TaskFileError(f"{path}:{number}: malformed JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(record, dict):
-                raise TaskFileError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-            records.append((number, record))
+    for number, record in jsonl_records(path, TaskFileError):
+        if limit is not None and len(records) >= limit:
+            break
+        records.append((number, record))
     if not records:
         raise TaskFileError(f"{path} holds no records")
     return records
