@@ -7,6 +7,11 @@ bench-small: hidden 512, 8 heads, (2, 4, 2) layers, MLP 1536, vocab 32768, float
 strategies `full` and `compress-4`: generated tokens per second over the whole call (prefill included) and
 without the prefill (from the time of a 1-token call), the best of --repeats after a compiling call; the first
 call's time (compilation) and the bytes of the KV cache.
+
+Roofline: each decoding step reads every weight once (`weight_mib_per_step`, 36 layer applications at r = 8
+plus the head) and does batch x forward FLOPs; it cannot be faster than the larger of the bytes over this
+machine's measured memory bandwidth and the FLOPs over its measured matmul peak (the prefill likewise).
+`roofline_*` are those bounds in tokens/s and `decode_of_roofline` the fraction of it decoding reaches.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import time
 import jax
 import numpy as np
 
-from recurrent_depth import ModelConfig, RecurrentDepthLM, generate, init_params
+from recurrent_depth import ModelConfig, RecurrentDepthLM, flops, generate, init_params
 from recurrent_depth.kv_cache import CacheStrategy, KVCache
 
 PROMPT_LEN, NEW_TOKENS, NUM_STEPS = 32, 32, 8
@@ -45,13 +50,28 @@ def timed(model, params, prompts, strategy: str, new_tokens: int, repeats: int):
     return times[0], min(times[1:])
 
 
-def run(model, params, batch: int, strategy: str, repeats: int) -> dict:
+def roofline(config, batch: int, bandwidth: float, peak: float) -> tuple[float, float]:
+    """(fastest whole call, fastest decoding step) in seconds: each pass is bound by its weight bytes over the
+    memory bandwidth or by its FLOPs over the matmul peak, whichever is slower."""
+    weights = flops.decode_weight_bytes(config, NUM_STEPS) / bandwidth
+    token_flops = flops.forward_flops_per_token(config, PROMPT_LEN + NEW_TOKENS, NUM_STEPS)
+    head_flops = 2 * config.hidden_size * config.vocab_size  # the prefill applies the head at one position
+    step = max(weights, batch * token_flops / peak)
+    prefill = max(weights, batch * (PROMPT_LEN * (token_flops - head_flops) + head_flops) / peak)
+    return prefill + (NEW_TOKENS - 1) * step, step
+
+
+def run(model, params, batch: int, strategy: str, repeats: int, bandwidth: float, peak: float) -> dict:
     prompts = np.random.default_rng(batch).integers(0, model.config.vocab_size, (batch, PROMPT_LEN))
     first_call, total = timed(model, params, prompts, strategy, NEW_TOKENS, repeats)
     _, prefill = timed(model, params, prompts, strategy, 1, repeats)  # the prompt and the first token
     cache = KVCache.nbytes_for(model.config, batch, PROMPT_LEN + NEW_TOKENS, CacheStrategy.parse(strategy), NUM_STEPS)
+    bound_total, bound_step = roofline(model.config, batch, bandwidth, peak)
+    decode = batch * (NEW_TOKENS - 1) / (total - prefill)
     return {"batch": batch, "cache": strategy, "tokens_per_s": round(batch * NEW_TOKENS / total, 1),
-            "decode_tokens_per_s": round(batch * (NEW_TOKENS - 1) / (total - prefill), 1),
+            "decode_tokens_per_s": round(decode, 1), "roofline_tokens_per_s": round(batch * NEW_TOKENS / bound_total, 1),
+            "roofline_decode_tokens_per_s": round(batch / bound_step, 1),
+            "decode_of_roofline": round(decode * bound_step / batch, 3),
             "prefill_s": round(prefill, 3), "first_call_s": round(first_call, 2), "cache_mib": round(cache / 2**20, 2)}
 
 
@@ -60,10 +80,13 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     model, params = bench_model()
-    results = [run(model, params, batch, strategy, args.repeats)
+    bandwidth, peak = flops.measure_memory_bandwidth(), flops.measure_matmul_peak()
+    results = [run(model, params, batch, strategy, args.repeats, bandwidth, peak)
                for batch in (1, 16) for strategy in ("full", "compress-4")]
     print(json.dumps({"bench": "generate", "shape": "bench-small", "num_steps": NUM_STEPS, "prompt_len": PROMPT_LEN,
                       "new_tokens": NEW_TOKENS, "dtype": "float32", "device": jax.devices()[0].device_kind,
+                      "weight_mib_per_step": round(flops.decode_weight_bytes(model.config, NUM_STEPS) / 2**20, 1),
+                      "memory_gb_per_s": round(bandwidth / 1e9, 1), "matmul_peak_tflops": round(peak / 1e12, 4),
                       "results": results}))
 
 

@@ -33,9 +33,14 @@ def _run(workdir, extra=(), wait=True):
     cmd = [sys.executable, "train.py", f"--workdir={workdir}", *RUN_FLAGS, *extra]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     if wait:
-        out = proc.communicate(timeout=600)[0].decode()
-        assert proc.returncode == 0, out[-3000:]
+        _finish(proc)
     return proc
+
+
+def _finish(proc):
+    """Waits for a run and checks that it succeeded."""
+    out = proc.communicate(timeout=600)[0].decode()
+    assert proc.returncode == 0, out[-3000:]
 
 
 def _losses(workdir):
@@ -56,18 +61,17 @@ def _wait_for_step(workdir, proc, step, timeout=300):
 
 @pytest.mark.slow
 def test_resume_after_sigkill_is_bitwise_identical_and_workdir_exports(tmp_path):
-    straight = tmp_path / "straight"
-    _run(straight)
-    reference = _losses(straight)
-    assert sorted(reference) == list(range(1, 13))
-
-    resumed = tmp_path / "resumed"
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    uninterrupted = _run(straight, wait=False)  # alongside the run that gets killed
     proc = _run(resumed, wait=False)
     _wait_for_step(resumed, proc, 7)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL
     assert max(_losses(resumed)) < 12, "the run finished before it could be killed"
+    _finish(uninterrupted)
+    reference = _losses(straight)
+    assert sorted(reference) == list(range(1, 13))
     _run(resumed)  # the same command again
     again = _losses(resumed)
     for step in range(7, 13):

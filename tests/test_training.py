@@ -6,6 +6,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import flax.linen as nn
 import pytest
 
 from helpers import assert_close, load_config, small_config
@@ -127,6 +128,23 @@ def test_flop_count_knows_the_recurrence():
     base = flops.train_flops_per_token(huginn, 4096, 24, 8)
     assert flops.train_flops_per_token(huginn, 4096, 25, 8) - base == pytest.approx(it)  # forward only
     assert flops.train_flops_per_token(huginn, 4096, 24, 9) - base == pytest.approx(3 * it)  # forward + backward
+
+
+@pytest.mark.parametrize("tie, param_dtype", [(True, "float32"), (False, "bfloat16")])
+def test_decode_weight_bytes_counts_the_parameters_a_step_reads(tie, param_dtype):
+    from recurrent_depth import RecurrentDepthLM, init_params
+
+    config = ModelConfig(vocab_size=64, hidden_size=32, num_heads=2, intermediate_size=48, num_prelude_layers=1,
+                         num_core_layers=2, num_coda_layers=1, max_seq_len=16, tie_embeddings=tie,
+                         param_dtype=param_dtype)
+    params = nn.meta.unbox(jax.eval_shape(lambda: init_params(RecurrentDepthLM(config), jax.random.key(0))))
+    nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))  # noqa: E731
+    core = nbytes(params["core"])
+    input_half = params["core"]["adapter"].size // 2 * params["core"]["adapter"].dtype.itemsize
+    lookup_only = 0 if tie else nbytes(params["embedding"])  # untied: the embedding is only indexed
+    for steps in (1, 5):
+        expected = nbytes(params) - lookup_only + (steps - 1) * (core - input_half)
+        assert flops.decode_weight_bytes(config, steps) == expected
 
 
 def test_mesh_shape_resolution_and_errors():
