@@ -10,7 +10,8 @@ call's time (compilation) and the bytes of the KV cache.
 
 Roofline: each decoding step reads every weight once (`weight_mib_per_step`, 36 layer applications at r = 8
 plus the head) and does batch x forward FLOPs; it cannot be faster than the larger of the bytes over this
-machine's measured memory bandwidth and the FLOPs over its measured matmul peak (the prefill likewise).
+machine's memory bandwidth (`memory_gb_per_s`, measured before each row) and the FLOPs over its measured
+matmul peak (the prefill likewise).
 `roofline_*` are those bounds in tokens/s and `decode_of_roofline` the fraction of it decoding reaches.
 """
 
@@ -61,7 +62,8 @@ def roofline(config, batch: int, bandwidth: float, peak: float) -> tuple[float, 
     return prefill + (NEW_TOKENS - 1) * step, step
 
 
-def run(model, params, batch: int, strategy: str, repeats: int, bandwidth: float, peak: float) -> dict:
+def run(model, params, batch: int, strategy: str, repeats: int, peak: float) -> dict:
+    bandwidth = flops.measure_memory_bandwidth()  # per row: it moves with the other tenants of the host
     prompts = np.random.default_rng(batch).integers(0, model.config.vocab_size, (batch, PROMPT_LEN))
     first_call, total = timed(model, params, prompts, strategy, NEW_TOKENS, repeats)
     _, prefill = timed(model, params, prompts, strategy, 1, repeats)  # the prompt and the first token
@@ -71,7 +73,7 @@ def run(model, params, batch: int, strategy: str, repeats: int, bandwidth: float
     return {"batch": batch, "cache": strategy, "tokens_per_s": round(batch * NEW_TOKENS / total, 1),
             "decode_tokens_per_s": round(decode, 1), "roofline_tokens_per_s": round(batch * NEW_TOKENS / bound_total, 1),
             "roofline_decode_tokens_per_s": round(batch / bound_step, 1),
-            "decode_of_roofline": round(decode * bound_step / batch, 3),
+            "decode_of_roofline": round(decode * bound_step / batch, 3), "memory_gb_per_s": round(bandwidth / 1e9, 1),
             "prefill_s": round(prefill, 3), "first_call_s": round(first_call, 2), "cache_mib": round(cache / 2**20, 2)}
 
 
@@ -80,13 +82,13 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     model, params = bench_model()
-    bandwidth, peak = flops.measure_memory_bandwidth(), flops.measure_matmul_peak()
-    results = [run(model, params, batch, strategy, args.repeats, bandwidth, peak)
+    peak = flops.measure_matmul_peak()
+    results = [run(model, params, batch, strategy, args.repeats, peak)
                for batch in (1, 16) for strategy in ("full", "compress-4")]
     print(json.dumps({"bench": "generate", "shape": "bench-small", "num_steps": NUM_STEPS, "prompt_len": PROMPT_LEN,
                       "new_tokens": NEW_TOKENS, "dtype": "float32", "device": jax.devices()[0].device_kind,
                       "weight_mib_per_step": round(flops.decode_weight_bytes(model.config, NUM_STEPS) / 2**20, 1),
-                      "memory_gb_per_s": round(bandwidth / 1e9, 1), "matmul_peak_tflops": round(peak / 1e12, 4),
+                      "matmul_peak_tflops": round(peak / 1e12, 4),
                       "results": results}))
 
 
