@@ -10,7 +10,7 @@ import flax.linen as nn
 import pytest
 
 from helpers import assert_close, load_config, small_config
-from recurrent_depth import flops
+from recurrent_depth import RecurrentDepthLM, flops, init_params
 from recurrent_depth.config import ModelConfig
 from recurrent_depth.sharding import make_mesh, resolve_mesh_shape
 from recurrent_depth.synthetic import progression_batches
@@ -132,8 +132,6 @@ def test_flop_count_knows_the_recurrence():
 
 @pytest.mark.parametrize("tie, param_dtype", [(True, "float32"), (False, "bfloat16")])
 def test_decode_weight_bytes_counts_the_parameters_a_step_reads(tie, param_dtype):
-    from recurrent_depth import RecurrentDepthLM, init_params
-
     config = ModelConfig(vocab_size=64, hidden_size=32, num_heads=2, intermediate_size=48, num_prelude_layers=1,
                          num_core_layers=2, num_coda_layers=1, max_seq_len=16, tie_embeddings=tie,
                          param_dtype=param_dtype)
