@@ -1,7 +1,7 @@
 """Training: `python train.py [--config=configs/demo.py] [--workdir=workdir] [--config.some.field=value ...]`.
 
-With no flags it trains the demo (configs/demo.py: a small model on the built-in variable-binding task, about
-15 minutes on two CPU cores) into ./workdir; `python eval.py` then evaluates it.
+With no flags it trains the demo (configs/demo.py: a small model on the built-in shell game, about 15 minutes on
+two CPU cores) into ./workdir; `python eval.py` then evaluates it.
 """
 
 from pathlib import Path

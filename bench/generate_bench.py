@@ -71,7 +71,8 @@ def run(model, params, batch: int, strategy: str, repeats: int, peak: float) -> 
     bound_total, bound_step = roofline(model.config, batch, bandwidth, peak)
     decode = batch * (NEW_TOKENS - 1) / (total - prefill)
     return {"batch": batch, "cache": strategy, "tokens_per_s": round(batch * NEW_TOKENS / total, 1),
-            "decode_tokens_per_s": round(decode, 1), "roofline_tokens_per_s": round(batch * NEW_TOKENS / bound_total, 1),
+            "decode_tokens_per_s": round(decode, 1),
+            "roofline_tokens_per_s": round(batch * NEW_TOKENS / bound_total, 1),
             "roofline_decode_tokens_per_s": round(batch / bound_step, 1),
             "decode_of_roofline": round(decode * bound_step / batch, 3), "memory_gb_per_s": round(bandwidth / 1e9, 1),
             "prefill_s": round(prefill, 3), "first_call_s": round(first_call, 2), "cache_mib": round(cache / 2**20, 2)}

@@ -45,12 +45,12 @@ def _compile_and_report(lowered, devices, start: float) -> dict:
     finds too large for the chip is reported as not fitting, with XLA's message."""
     import jax
 
+    hbm = HBM_BYTES.get(devices[0].device_kind)
     try:
         compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as err:
         if "RESOURCE_EXHAUSTED" not in str(err):
             raise
-        hbm = HBM_BYTES.get(devices[0].device_kind)
         return {"fits": False, "hbm_gib": round(hbm / GIB, 1) if hbm else None,
                 "compile_error": str(err).strip().splitlines()[-1][:400],
                 "compile_seconds": round(time.perf_counter() - start, 1)}
@@ -58,7 +58,6 @@ def _compile_and_report(lowered, devices, start: float) -> dict:
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     used = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
             - memory.alias_size_in_bytes)
-    hbm = HBM_BYTES.get(devices[0].device_kind)
     return {
         "argument_gib": round(memory.argument_size_in_bytes / GIB, 2),
         "output_gib": round(memory.output_size_in_bytes / GIB, 2),

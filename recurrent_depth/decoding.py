@@ -421,8 +421,9 @@ def lower_generate(model: RecurrentDepthLM, params, batch_size: int, prompt_len:
                    replicated=None) -> jax.stages.Lowered:
     """`generate` (greedy, left padding) lowered for abstract inputs: params may be jax.ShapeDtypeStruct leaves
     with shardings, prompts are [batch_size, prompt_len] placed with `input_sharding`, scalars with
-    `replicated` (NamedShardings, or None for the default device).  For ahead-of-time compilation, e.g. for a TPU slice from a CPU machine (recurrent_depth.aot);
-    call under the mesh and logical-axis rules the model's activations should be sharded with."""
+    `replicated` (NamedShardings, or None for the default device).  For ahead-of-time compilation, e.g. for a
+    TPU slice from a CPU machine (recurrent_depth.aot); call under the mesh and logical-axis rules the model's
+    activations should be sharded with."""
     if prompt_len + max_new_tokens > model.config.max_seq_len:
         raise ValueError(f"prompt_len {prompt_len} + max_new_tokens {max_new_tokens} exceeds the model's context "
                          f"(max_seq_len={model.config.max_seq_len})")
@@ -433,16 +434,17 @@ def lower_generate(model: RecurrentDepthLM, params, batch_size: int, prompt_len:
     stops = -(-max(num_stop_tokens, 1) // 8) * 8
     rows = input_sharding and jax.sharding.NamedSharding(input_sharding.mesh, jax.sharding.PartitionSpec(
         input_sharding.spec[0]))  # lengths [batch]: sharded like the prompts' rows
+    key = spec((), jax.eval_shape(jax.random.key, 0).dtype, replicated)
     return _generate_jit.lower(model, plan, nn.meta.unbox(params),
                                spec((batch_size, prompt_len), jnp.int32, input_sharding),
-                               spec((batch_size,), jnp.int32, rows), spec((stops,), jnp.int32, replicated),
-                               spec((), jax.eval_shape(jax.random.key, 0).dtype, replicated), spec((), jnp.int32, replicated))
+                               spec((batch_size,), jnp.int32, rows), spec((stops,), jnp.int32, replicated), key,
+                               spec((), jnp.int32, replicated))
 
 
 def speculative_generate(model: RecurrentDepthLM, params, prompts, *, max_new_tokens: int, lengths=None,
                          num_steps: int | None = None, max_steps: int | None = None, draft_steps: int = 4,
-                         lookahead: int = 4,
-                         init_scale: float | None = None, temperature: float = 0.0, top_k: int | None = None,
+                         lookahead: int = 4, init_scale: float | None = None, temperature: float = 0.0,
+                         top_k: int | None = None,
                          top_p: float | None = None, min_p: float | None = None, stop_tokens: Sequence[int] = (),
                          seed: int = 0, cache_strategy: str = "full",
                          padding_side: str = "left") -> SpeculativeOutput:

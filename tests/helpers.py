@@ -1,5 +1,6 @@
 """Test helpers without pytest, importable by worker processes too."""
 
+import os
 from pathlib import Path
 
 import jax
@@ -52,6 +53,15 @@ def local_iterator(config):
     return iter(make_dataset(config.data, batch_size=config.train.batch_size, seq_len=config.train.seq_len,
                              vocab_size=config.model.vocab_size, seed=config.seed,
                              process_index=jax.process_index(), process_count=jax.process_count()))
+
+
+def single_cpu_env() -> dict:
+    """The environment for a subprocess (train.py, eval.py, a notebook kernel) on one CPU device: this
+    process's environment without conftest's forced device count."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(Path(__file__).parent.parent))
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                                if not f.startswith("--xla_force_host_platform_device_count"))
+    return env
 
 
 def eval_requests():

@@ -2,7 +2,6 @@
 the default config at a reduced size."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import load_config
+from helpers import load_config, single_cpu_env
 from recurrent_depth import shell_game
 from recurrent_depth.evaluation.tasks import ShellGameTask, parse_tasks
 from recurrent_depth.losses import IGNORE_INDEX
@@ -86,13 +85,6 @@ def test_demo_config_tasks_and_errors():
         parse_tasks(["shell:5-3"])
 
 
-def _env():
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
-    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                                if not f.startswith("--xla_force_host_platform_device_count"))
-    return env
-
-
 @pytest.mark.slow
 def test_default_train_then_eval(tmp_path):
     """`python train.py` (default config, a few steps) then `python eval.py` on its workdir: results for every
@@ -101,14 +93,14 @@ def test_default_train_then_eval(tmp_path):
     train = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), f"--workdir={workdir}", "--config.train.steps=12",
          "--config.train.batch_size=8", "--config.train.log_every=6", "--config.train.optimizer.warmup_steps=2",
-         "--config.checkpoint.every=6"], capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=600)
+         "--config.checkpoint.every=6"], capture_output=True, text=True, env=single_cpu_env(), cwd=tmp_path, timeout=600)
     assert train.returncode == 0, train.stderr[-3000:]
     run = json.loads((workdir / "config.json").read_text())
     assert run["data"]["kind"] == "shell_game" and len(open(workdir / "metrics.jsonl").readlines()) == 2
     evaluate = subprocess.run(
         [sys.executable, str(ROOT / "eval.py"), f"--checkpoint={workdir}", f"--output={out}",
          "--tasks=shell:1-4:size=16:name=short,shell:5-8:size=16:name=long", "--batch_size=16"],
-        capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=600)
+        capture_output=True, text=True, env=single_cpu_env(), cwd=tmp_path, timeout=600)
     assert evaluate.returncode == 0, evaluate.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     settings = [e["setting"] for e in results["results"]]

@@ -3,7 +3,6 @@ invariance, adaptive exit, eval.py end to end, bad input, the lm-eval adapter.""
 
 import importlib.util
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-
+from helpers import single_cpu_env
 from recurrent_depth.config import ConfigError
 from recurrent_depth.evaluation import (Depth, EvalModel, Generations, GenerativeTask, MultipleChoiceTask,
                                         PerplexityTask, ReasoningGymTask, TaskFileError, exact_match,
@@ -339,14 +338,6 @@ def test_a_sweep_compiles_generation_once(lm):
 
 
 # ---- eval.py ------------------------------------------------------------------------------------------------
-def _cpu_env():
-    """The environment for a subprocess with a single CPU device (no forced device count)."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
-    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                                if not f.startswith("--xla_force_host_platform_device_count"))
-    return env
-
-
 @pytest.fixture(scope="module")
 def hf_checkpoint(tmp_path_factory):
     """The tiny checkpoint with a byte-level BPE tokenizer.json (vocab 300, huginn-0125's special tokens)."""
@@ -374,7 +365,7 @@ def test_eval_py_end_to_end(hf_checkpoint, files, tmp_path):
              "rg:basic_arithmetic:size=3:max_new_tokens=8")
     proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), f"--checkpoint={hf_checkpoint}", f"--tasks={tasks}",
                            "--num_steps=1,2", "--exit_criterion=kl", "--exit_threshold=1e-2", "--batch_size=4",
-                           f"--output={out}"], capture_output=True, text=True, env=_cpu_env(), timeout=600)
+                           f"--output={out}"], capture_output=True, text=True, env=single_cpu_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert [e["setting"] for e in results["results"]] == ["r=1", "r=2", "kl=0.01, max 2"]
@@ -442,7 +433,7 @@ def test_bad_input_gives_clear_errors(tmp_path, files, tiny, hf_checkpoint):
     with pytest.raises(ValueError, match="tokenizer has 1000 tokens but the model only 512"):
         EvalModel(model, params, big)
     proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), f"--checkpoint={TINY_CHECKPOINT}",
-                           f"--tasks=mc:{tmp_path / 'nope.jsonl'}"], capture_output=True, text=True, env=_cpu_env(),
+                           f"--tasks=mc:{tmp_path / 'nope.jsonl'}"], capture_output=True, text=True, env=single_cpu_env(),
                           timeout=300)
     assert proc.returncode == 1 and "eval.py: error: task file" in proc.stderr and "Traceback" not in proc.stderr
 

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 
-
 def test_random_state_init_has_the_paper_statistics(tiny):
     """s_0 ~ trunc_normal(sqrt(2/5h), +-3 std) * sqrt(h): per-element std sqrt(2/5) (times the truncation factor)."""
     model, params = tiny

@@ -1,10 +1,11 @@
 """examples/quickstart.ipynb runs top to bottom (so that it never rots): a short training run stands in for the
 demo checkpoint."""
 
-import os
 from pathlib import Path
 
 import pytest
+
+from helpers import single_cpu_env
 
 ROOT = Path(__file__).parent.parent
 
@@ -16,9 +17,8 @@ def test_quickstart_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     pytest.importorskip("ipykernel")
     notebook = nbformat.read(ROOT / "examples" / "quickstart.ipynb", as_version=4)
     monkeypatch.setenv("QUICKSTART_STEPS", "30")  # the kernel inherits this process's environment
-    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    monkeypatch.setenv("XLA_FLAGS", " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
-                                             if not f.startswith("--xla_force_host_platform_device_count")))
+    for name in ("JAX_PLATFORMS", "XLA_FLAGS"):
+        monkeypatch.setenv(name, single_cpu_env()[name])
     client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
                                      resources={"metadata": {"path": str(tmp_path)}})
     client.execute()  # raises CellExecutionError, with the cell and its traceback, if any cell fails
