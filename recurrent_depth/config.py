@@ -98,6 +98,12 @@ class ModelConfig:
     def weight_dtype(self):
         return DTYPES[self.param_dtype]
 
+    @property
+    def stream_dtype(self):
+        """Dtype of the residual stream, the norms' outputs and the recurrent state: the wider of the compute and
+        parameter dtypes (float32 weights with bfloat16 compute keep a float32 stream, as torch autocast does)."""
+        return jnp.promote_types(self.compute_dtype, self.weight_dtype).type
+
     # ---- validation ----------------------------------------------------------
     def validate(self) -> None:
         positive = ("vocab_size", "hidden_size", "num_heads", "intermediate_size", "num_core_layers",

@@ -28,13 +28,20 @@ def param(module: nn.Module, name: str, init, shape, axes, dtype):
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
+def dense(spec: str, x, w, dtype, out_dtype=None):
+    """The einsum `spec` of activations and a weight, both cast to the compute `dtype` and accumulated in float32,
+    returned in `out_dtype` (default `dtype`): bfloat16 matmuls that can feed a float32 residual stream."""
+    y = jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+    return y.astype(out_dtype or dtype)
+
+
 def constrain(x, axes):
     """Logical sharding constraint on an activation (a no-op outside a mesh with rules)."""
     return nn.with_logical_constraint(x, axes)
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in float32, cast back to the input dtype, then scaled (llama style)."""
+    """RMSNorm computed in float32, cast back to the input dtype (the stream's), then scaled (llama style)."""
 
     eps: float
     param_dtype: jnp.dtype = jnp.float32
@@ -98,7 +105,7 @@ class Attention(nn.Module):
         w_out = param(self, "out", trunc_normal(cfg.out_proj_std), (heads, head_dim, cfg.hidden_size),
                       ("heads", "kv", "embed"), cfg.weight_dtype)
         # The output keeps the weight's axis order, so that XLA need not transpose the weight (a copy per call).
-        qkv = jnp.einsum("bte,ephd->btphd", x, w_qkv.astype(dt))  # [batch, seq, 3, heads, head_dim]
+        qkv = dense("bte,ephd->btphd", x, w_qkv, dt)  # [batch, seq, 3, heads, head_dim]
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         if cfg.qk_bias:
             bias = param(self, "qk_bias", nn.initializers.zeros, (2, heads, head_dim), (None, "heads", "kv"),
@@ -109,16 +116,16 @@ class Attention(nn.Module):
         q = constrain(q, ("batch", "length", "act_heads", None))
         if cache is None:
             out = checkpoint_name(attend(q, k, v, impl=cfg.attention_impl, mask=mask), "attention")
-            return _project_out(out, w_out.astype(dt))
+            return _project_out(out, w_out, x.dtype)
         keys, values, mask, cache = cache.attend(k, v)
-        return _project_out(cached_dot_product_attention(q, keys, values, mask), w_out.astype(dt)), cache
+        return _project_out(cached_dot_product_attention(q, keys, values, mask), w_out, x.dtype), cache
 
 
-def _project_out(out, w_out):
+def _project_out(out, w_out, out_dtype):
     """[batch, seq, heads, head_dim] x [heads, head_dim, embed] as one [heads * head_dim] contraction (so that
-    XLA does not transpose the weight to match the attention output's layout)."""
+    XLA does not transpose the weight to match the attention output's layout), into the stream's dtype."""
     b, t, h, d = out.shape
-    return jnp.einsum("btf,fe->bte", out.reshape(b, t, h * d), w_out.reshape(h * d, -1))
+    return dense("btf,fe->bte", out.reshape(b, t, h * d), w_out.reshape(h * d, -1), out.dtype, out_dtype)
 
 
 class GatedMLP(nn.Module):
@@ -134,14 +141,18 @@ class GatedMLP(nn.Module):
                      ("embed", None, "mlp"), cfg.weight_dtype)
         w_proj = param(self, "proj", trunc_normal(cfg.out_proj_std), (cfg.intermediate_size, cfg.hidden_size),
                        ("mlp", "embed"), cfg.weight_dtype)
-        fc = jnp.einsum("bte,epi->btpi", x, w_fc.astype(dt))  # [batch, seq, 2, mlp] (see Attention)
+        fc = dense("bte,epi->btpi", x, w_fc, dt)  # [batch, seq, 2, mlp] (see Attention)
         gate, up = fc[:, :, 0], fc[:, :, 1]
         h = checkpoint_name(constrain(nn.silu(gate) * up, ("batch", "length", "act_mlp")), "mlp_hidden")
-        return jnp.einsum("bti,ie->bte", h, w_proj.astype(dt))
+        return dense("bti,ie->bte", h, w_proj, dt, x.dtype)
 
 
 class SandwichBlock(nn.Module):
-    """x = norm_2(x + attn(norm_1(x)));  x = norm_4(x + mlp(norm_3(x))).  With `cache`, returns (x, cache)."""
+    """x = norm_2(x + attn(norm_1(x)));  x = norm_4(x + mlp(norm_3(x))).  With `cache`, returns (x, cache).
+
+    Mixed precision as the original trained: x, the norms and the sublayers' outputs are in the stream dtype
+    (float32 with float32 weights); only the matmul inputs are in the compute dtype (see `dense`).
+    """
 
     config: ModelConfig
 

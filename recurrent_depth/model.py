@@ -19,7 +19,7 @@ import numpy as np
 
 from recurrent_depth.config import ModelConfig
 from recurrent_depth.attention import attention_mask
-from recurrent_depth.layers import RMSNorm, SandwichBlock, constrain, param, rope_angles, trunc_normal
+from recurrent_depth.layers import RMSNorm, SandwichBlock, constrain, dense, param, rope_angles, trunc_normal
 
 
 @flax.struct.dataclass
@@ -46,11 +46,12 @@ class CoreBlock(nn.Module):
 
     def inject(self, e):
         """The prelude output's share of the adapter, e @ W_e.  [batch, seq, embed]."""
-        return constrain(jnp.einsum("bte,ef->btf", e, self.adapter[1].astype(e.dtype)), ("batch", "length", "act_embed"))
+        injected = dense("bte,ef->btf", e, self.adapter[1], self.config.compute_dtype, e.dtype)
+        return constrain(injected, ("batch", "length", "act_embed"))
 
     def __call__(self, state, injected, cos, sin, mask, cache=None):
         """One iteration.  With `cache` (a KVStore at the first core layer) returns (state, cache)."""
-        x = jnp.einsum("bte,ef->btf", state, self.adapter[0].astype(state.dtype)) + injected
+        x = dense("bte,ef->btf", state, self.adapter[0], self.config.compute_dtype, state.dtype) + injected
         # Without this constraint XLA's SPMD partitioner (jax 0.10, CPU) miscompiled the following block when the
         # adapter is sharded over (fsdp, tensor): the sharded-vs-single-device tests catch it.
         x = constrain(x, ("batch", "length", "act_embed"))
@@ -121,7 +122,7 @@ class RecurrentDepthLM(nn.Module):
         With `cache` (a KVStore at the first prelude layer, see layers.KVStore) returns (x, cache).
         """
         cfg = self.config
-        x = jnp.take(self.embedding, input_ids, axis=0).astype(cfg.compute_dtype) * cfg.embed_scale
+        x = jnp.take(self.embedding, input_ids, axis=0).astype(cfg.stream_dtype) * cfg.embed_scale
         x = constrain(x, ("batch", "length", "act_embed"))
         if cache is not None:
             return _run_cached(self.prelude, x, cos, sin, mask, cache)
@@ -225,9 +226,10 @@ class RecurrentDepthLM(nn.Module):
 
     def head(self, y):
         """Tied (or separate) output head, float32 logits.  [..., embed] -> [..., vocab]."""
+        dt = self.config.compute_dtype
         if self.config.tie_embeddings:  # contract with the [vocab, embed] table as stored (no transposed copy)
-            return jnp.einsum("...e,ve->...v", y, self.embedding.astype(y.dtype), preferred_element_type=jnp.float32)
-        return jnp.einsum("...e,ev->...v", y, self.lm_head.astype(y.dtype), preferred_element_type=jnp.float32)
+            return dense("...e,ve->...v", y, self.embedding, dt, jnp.float32)
+        return dense("...e,ev->...v", y, self.lm_head, dt, jnp.float32)
 
     # ---- the full forward pass ----------------------------------------------------------------
     def __call__(self, input_ids, num_steps: Any = None, *, input_states=None, init_scale=None, positions=None,

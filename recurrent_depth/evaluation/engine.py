@@ -224,7 +224,7 @@ class EvalModel:
         base = jax.random.key(seed)
         keys = jax.vmap(lambda r: jax.vmap(lambda p: jax.random.fold_in(jax.random.fold_in(base, r), p))(
             jnp.arange(length)))(rows)
-        e = jnp.zeros((1, 1, self.config.hidden_size), self.config.compute_dtype)
+        e = jnp.zeros((1, 1, self.config.hidden_size), self.config.stream_dtype)
 
         def draw(key):
             return self.model.apply({"params": params}, e, self.init_scale, method=RecurrentDepthLM.initial_state,
