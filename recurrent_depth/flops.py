@@ -1,37 +1,90 @@
-"""FLOP counts that know the recurrence, and the machine's measured matmul peak, for MFU; the weight bytes a
-decoded token reads, and the measured memory bandwidth, for the roofline of memory-bound (small-batch) decoding.
+"""FLOP counts that know the recurrence, chips' peaks, and the machine's measured matmul peak, for MFU and HFU; the
+weight bytes a decoded token reads, and the measured memory bandwidth, for the roofline of memory-bound
+(small-batch) decoding.
 
-Convention (as PaLM's MFU): matmul FLOPs only, attention scores counted in full (no causal discount),
-rematerialisation not counted; a backward pass costs twice its forward.
+Convention (as PaLM's MFU): matmul FLOPs only, attention scores counted in full (no causal discount); a backward
+pass costs twice its forward.  The adapter's input half is applied once per forward pass (see CoreBlock.inject),
+so an iteration costs its state half and the core layers.  *Model* FLOPs count what the math needs; *hardware*
+FLOPs also what the train step really runs: all `mean_backprop_depth` gradient iterations (a traced k masks the
+first ones but computes them) and the forward that rematerialisation recomputes in the backward pass.
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
 
 from recurrent_depth.config import ModelConfig
 
+# Dense bfloat16 peak FLOP/s of one JAX device, by `device_kind` (lower case, first match wins).  Vendors' figures:
+# TPU v4 275T, v5e 197T, v5p 459T, v6e (Trillium) 918T; A100 312T; H100 / H200 SXM 989T, H100 PCIe 756T; an AMD
+# MI250X is two devices (GCDs) of 191.5T each.
+PEAK_BF16_FLOPS = (
+    ("tpu v6 lite", 918e12), ("tpu v6e", 918e12),
+    ("tpu v5 lite", 197e12), ("tpu v5e", 197e12),
+    ("tpu v5p", 459e12), ("tpu v5", 459e12),
+    ("tpu v4", 275e12),
+    ("a100", 312e12),
+    ("h100 pcie", 756e12), ("h100", 989e12), ("h200", 989e12),
+    ("mi250x", 191.5e12),
+)
+
+
+def chip_peak_flops(device_kind: str) -> float | None:
+    """The table's bf16 peak for a `device_kind` (e.g. "TPU v5 lite", "NVIDIA H100 80GB HBM3"), None if unknown."""
+    kind = device_kind.lower()
+    return next((peak for name, peak in PEAK_BF16_FLOPS if name in kind), None)
+
+
+def peak_flops(device=None, dtype=jnp.float32) -> float:
+    """Peak FLOP/s of one device for MFU: the chip's bf16 peak from the table; on CPU, or for a chip not in the
+    table (with a warning), a measured `dtype` matmul."""
+    device = device or jax.devices()[0]
+    if device.platform != "cpu":
+        peak = chip_peak_flops(device.device_kind)
+        if peak is not None:
+            return peak
+        warnings.warn(f"no peak FLOP/s known for {device.device_kind!r}; MFU is against a measured matmul "
+                      "(set train.peak_flops for the chip's peak)")
+    return measure_matmul_peak(dtype=dtype, device=device)
+
+
+def _projection_flops(config: ModelConfig) -> dict[str, float]:
+    """Forward FLOPs per token of each weight matmul of a sandwich block."""
+    h, i = config.hidden_size, config.intermediate_size
+    return {"qkv": 2 * h * 3 * h, "out": 2 * h * h, "fc": 2 * h * 2 * i, "proj": 2 * i * h}
+
 
 def layer_flops(config: ModelConfig, seq_len: int) -> float:
-    """Forward FLOPs per token of one sandwich block."""
-    h, i = config.hidden_size, config.intermediate_size
-    projections = 2 * h * 3 * h + 2 * h * h + 2 * h * 2 * i + 2 * i * h
-    attention = 2 * 2 * seq_len * h  # q k^T and p v
-    return float(projections + attention)
+    """Forward FLOPs per token of one sandwich block: projections, then q k^T and p v."""
+    return float(sum(_projection_flops(config).values()) + 2 * 2 * seq_len * config.hidden_size)
 
 
 def iteration_flops(config: ModelConfig, seq_len: int) -> float:
-    """Forward FLOPs per token of one recurrence: the adapter (2h -> h) and the core layers."""
-    return 2 * 2 * config.hidden_size**2 + config.num_core_layers * layer_flops(config, seq_len)
+    """Forward FLOPs per token of one recurrence: the adapter's state half (h -> h) and the core layers."""
+    return 2 * config.hidden_size**2 + config.num_core_layers * layer_flops(config, seq_len)
 
 
 def outer_flops(config: ModelConfig, seq_len: int) -> float:
-    """Forward FLOPs per token outside the recurrence: prelude, coda and head."""
+    """Forward FLOPs per token outside the recurrence: prelude, the adapter's input half, coda and head."""
     layers = config.num_prelude_layers + config.num_coda_layers
-    return layers * layer_flops(config, seq_len) + 2 * config.hidden_size * config.vocab_size
+    h = config.hidden_size
+    return layers * layer_flops(config, seq_len) + 2 * h * h + 2 * h * config.vocab_size
+
+
+def remat_flops(config: ModelConfig, seq_len: int) -> float:
+    """Forward FLOPs per token that one gradient iteration recomputes in the backward pass, by remat policy."""
+    scores = 2 * seq_len * config.hidden_size  # q k^T, and as many for p v
+    recomputed = {
+        "nothing": iteration_flops(config, seq_len),  # the whole iteration
+        "names": iteration_flops(config, seq_len) - config.num_core_layers * scores,  # all but p v (its output kept)
+        "dots": config.num_core_layers * 2 * scores,  # the attention products (batched dots are not kept)
+        "everything": 0.0,
+    }
+    return float(recomputed[config.remat_policy])
 
 
 def forward_flops_per_token(config: ModelConfig, seq_len: int, num_steps: int) -> float:
@@ -39,8 +92,19 @@ def forward_flops_per_token(config: ModelConfig, seq_len: int, num_steps: int) -
 
 
 def train_flops_per_token(config: ModelConfig, seq_len: int, n: int, k: int) -> float:
-    """n no-gradient iterations cost a forward pass; prelude, coda and the k gradient iterations forward + backward."""
-    return 3 * (outer_flops(config, seq_len) + k * iteration_flops(config, seq_len)) + n * iteration_flops(config, seq_len)
+    """Model FLOPs: n no-gradient iterations cost a forward pass; prelude, coda and the k gradient iterations
+    forward + backward."""
+    it = iteration_flops(config, seq_len)
+    return 3 * (outer_flops(config, seq_len) + k * it) + n * it
+
+
+def hardware_train_flops_per_token(config: ModelConfig, seq_len: int, n: int) -> float:
+    """Hardware FLOPs of the train step: the n no-gradient iterations, and config.mean_backprop_depth gradient
+    iterations whatever k (k is traced, so the step runs them all and masks the first ones), each forward +
+    backward + what rematerialisation recomputes."""
+    it = iteration_flops(config, seq_len)
+    grad = config.mean_backprop_depth * (3 * it + remat_flops(config, seq_len))
+    return 3 * outer_flops(config, seq_len) + n * it + grad
 
 
 def layer_params(config: ModelConfig) -> int:

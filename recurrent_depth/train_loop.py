@@ -54,12 +54,17 @@ class MetricsWriter:
 
 
 def summarize(window: list[dict], trainer: Trainer, elapsed: float, peak_flops: float) -> dict:
-    """Metrics of the last step plus throughput and MFU over the window of steps since the last log."""
+    """Metrics of the last step plus throughput, MFU and HFU (model and hardware FLOPs, see `flops`) over the window
+    of steps since the last log."""
     t = trainer.config.train
     last = window[-1]
-    tokens = t.batch_size * t.seq_len
-    step_flops = sum(flops.train_flops_per_token(trainer.model_config, t.seq_len, int(m["num_steps_no_grad"]),
-                                                 int(m["num_steps_with_grad"])) * tokens for m in window)
+    tokens, cfg = t.batch_size * t.seq_len, trainer.model_config
+    model_flops = hardware_flops = 0.0
+    for m in window:
+        n, k = int(m["num_steps_no_grad"]), int(m["num_steps_with_grad"])
+        model_flops += flops.train_flops_per_token(cfg, t.seq_len, n, k) * tokens
+        hardware_flops += flops.hardware_train_flops_per_token(cfg, t.seq_len, n) * tokens
+    peak = peak_flops * jax.device_count() * elapsed
     return {
         "loss": float(last["loss"]),
         "grad_norm": float(last["grad_norm"]),
@@ -67,7 +72,8 @@ def summarize(window: list[dict], trainer: Trainer, elapsed: float, peak_flops: 
         "num_steps_no_grad": int(last["num_steps_no_grad"]),
         "num_steps_with_grad": int(last["num_steps_with_grad"]),
         "tokens_per_sec": len(window) * tokens / elapsed,
-        "mfu": step_flops / elapsed / (peak_flops * jax.device_count()),
+        "mfu": model_flops / peak,
+        "hfu": hardware_flops / peak,
         "skipped_updates": int(last["skipped_updates"]),
     }
 
@@ -149,7 +155,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Trai
     state = trainer.init_state() if state is None else state
     if jax.process_index() == 0:
         (workdir / RUN_CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
-    peak = config.train.peak_flops or flops.measure_matmul_peak()
+    peak = config.train.peak_flops or flops.peak_flops(dtype=trainer.model_config.compute_dtype)
     writer, preemption = MetricsWriter(workdir), _Preemption()
     steps, start = config.train.steps, int(state.step)
     window, tick = [], time.perf_counter()
