@@ -1,0 +1,137 @@
+"""The step loop: no read from the device between log steps, TensorBoard events of every logged value, a profile
+of the chosen steps, and an input prefetch that checkpoints the iterator exactly."""
+
+import contextlib
+import json
+from unittest import mock
+
+import grain
+import jax
+import numpy as np
+import pytest
+from jax._src.array import ArrayImpl
+from jax.experimental import multihost_utils
+from tensorboard.backend.event_processing import event_accumulator
+
+from helpers import local_iterator, small_config
+from recurrent_depth.train_loop import PREFETCH_BATCHES, train
+from recurrent_depth.training import Trainer
+
+LOG_EVERY, STEPS = 5, 10
+GUARDED = range(LOG_EVERY + 1, 2 * LOG_EVERY)  # steps 6-9: no log, checkpoint, evaluation or profile
+
+
+class DeviceRead(AssertionError):
+    """The loop read a value back from the device (or waited for one) where it must not."""
+
+
+@contextlib.contextmanager
+def device_reads_fail(reads: list):
+    """Makes every way back from the device raise DeviceRead (and be recorded in `reads`): the transfer guard
+    (which XLA enforces on accelerators, not on CPU, where device memory is host memory) and, on every backend,
+    the Python entry points a loop syncs through: float/int/bool/device_get of an array, block_until_ready, and
+    process_allgather."""
+
+    def fail(*args, **kwargs):
+        reads.append(args[:1])
+        raise DeviceRead("the step loop read from the device between log steps")
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(jax.transfer_guard_device_to_host("disallow_explicit"))
+        stack.enter_context(mock.patch.object(ArrayImpl, "_value", property(fail)))
+        stack.enter_context(mock.patch.object(ArrayImpl, "block_until_ready", fail))
+        for name in ("device_get", "block_until_ready"):
+            stack.enter_context(mock.patch.object(jax, name, fail))
+        stack.enter_context(mock.patch.object(multihost_utils, "process_allgather", fail))
+        yield
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A short run whose steps 6-9 run with device reads failing; (workdir, guarded steps, reads, control)."""
+    workdir = tmp_path_factory.mktemp("run")
+    config = small_config()
+    config.train.update(steps=STEPS, log_every=LOG_EVERY, peak_flops=1e12, profile_steps="2,3")
+    config.checkpoint.every = 1000  # only the final checkpoint
+    config.eval.update(every=LOG_EVERY, num_steps=(1, 3), batches=1)
+    guarded, reads, control = [], [], []
+    step_fn, calls, stack = Trainer.step, [0], contextlib.ExitStack()
+
+    def step(self, state, batch):
+        calls[0] += 1
+        if calls[0] == GUARDED.stop:
+            stack.close()  # before the log step
+        if calls[0] == GUARDED.start:
+            stack.enter_context(device_reads_fail(reads))
+        if calls[0] in GUARDED:
+            guarded.append(calls[0])
+            if calls[0] == GUARDED.start + 1:  # the detector works: reading the last step's loss fails
+                with pytest.raises(DeviceRead):
+                    float(control[-1]["loss"])
+                reads.pop()
+        state, metrics = step_fn(self, state, batch)
+        control.append(metrics)
+        return state, metrics
+
+    with mock.patch.object(Trainer, "step", step):
+        try:
+            train(config, workdir)
+        finally:
+            stack.close()
+    return workdir, guarded, reads
+
+
+def _records(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_steady_state_steps_do_not_read_from_the_device(run):
+    workdir, guarded, reads = run
+    assert guarded == list(GUARDED)
+    assert reads == []
+    assert [r["step"] for r in _records(workdir)] == [5, 5, 10, 10]  # training and held-out records
+
+
+def test_tensorboard_events_hold_every_logged_value(run):
+    workdir = run[0]
+    events = event_accumulator.EventAccumulator(str(workdir / "tensorboard"))
+    events.Reload()
+    expected = {}  # tag -> {step: value} from metrics.jsonl
+    for record in _records(workdir):
+        for key, value in record.items():
+            if key != "step":
+                expected.setdefault(key, {})[record["step"]] = value
+    assert {"loss", "grad_norm", "lr", "num_steps_no_grad", "num_steps_with_grad", "tokens_per_sec", "mfu",
+            "eval_loss_r1", "eval_loss_r3"} <= set(expected)
+    assert set(events.Tags()["scalars"]) == set(expected)
+    for tag, values in expected.items():
+        scalars = events.Scalars(tag)
+        assert [s.step for s in scalars] == sorted(values), tag
+        np.testing.assert_allclose([s.value for s in scalars], [values[s.step] for s in scalars], rtol=1e-6,
+                                   err_msg=tag)
+
+
+def test_profile_steps_write_a_trace(run):
+    traces = list((run[0] / "profile").rglob("*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0
+
+
+def test_prefetch_checkpoints_the_iterator_exactly():
+    """The prefetching iterator's state is the parent's after the last batch taken, although the thread has read
+    further: a restore continues with the next batch, and the state is the one the plain iterator saves."""
+    config = small_config()
+    plain, prefetched = local_iterator(config), local_iterator(config)
+    prefetched = grain.experimental.ThreadPrefetchDatasetIterator(prefetched, PREFETCH_BATCHES)
+    for _ in range(3):
+        np.testing.assert_array_equal(next(prefetched)["inputs"], next(plain)["inputs"])
+    state = prefetched.get_state()
+    assert state == plain.get_state()
+    following = [next(prefetched) for _ in range(2)]
+    prefetched.close()
+    resumed = grain.experimental.ThreadPrefetchDatasetIterator(local_iterator(config), PREFETCH_BATCHES)
+    resumed.set_state(state)
+    for batch in following:
+        again = next(resumed)
+        for key in batch:
+            np.testing.assert_array_equal(again[key], batch[key])
+    resumed.close()
