@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import numbers
 import os
+import pathlib
 import shutil
 import tempfile
+import time
 from typing import BinaryIO
 
 import jax
@@ -85,7 +87,9 @@ class TensorBoardWriter:
     again after a crash show once."""
 
     def __init__(self, logdir: str | os.PathLike, purge_step: int | None = None):
-        self.writer = SummaryWriter(os.fspath(logdir), purge_step=purge_step)
+        # The name's suffix keeps a restart within the same second from overwriting the previous run's file, and
+        # files sorted by name in the order of the runs that wrote them (the order TensorBoard reads them in).
+        self.writer = SummaryWriter(os.fspath(logdir), purge_step=purge_step, filename_suffix=f".{time.time_ns()}")
 
     def write(self, step: int, record: dict) -> None:
         for key, value in record.items():
@@ -140,7 +144,7 @@ class StepProfiler:
             return
         jax.block_until_ready(state)
         jax.profiler.stop_trace()
-        local, self.trace_dir = epath.Path(self.trace_dir), None
+        local, self.trace_dir = pathlib.Path(self.trace_dir), None  # a local folder
         if is_remote(self.logdir):
             for file in local.rglob("*"):
                 if file.is_file():

@@ -1,5 +1,6 @@
-"""The step loop: no read from the device between log steps, TensorBoard events of every logged value, a profile
-of the chosen steps, and an input prefetch that checkpoints the iterator exactly."""
+"""The training loop: the loss falls and metrics are written, no read from the device between log steps,
+TensorBoard events of every logged value, a profile of the chosen steps, and an input prefetch that checkpoints the
+iterator exactly."""
 
 import contextlib
 import json
@@ -17,8 +18,8 @@ from helpers import local_iterator, small_config
 from recurrent_depth.train_loop import PREFETCH_BATCHES, train
 from recurrent_depth.training import Trainer
 
-LOG_EVERY, STEPS = 5, 10
-GUARDED = range(LOG_EVERY + 1, 2 * LOG_EVERY)  # steps 6-9: no log, checkpoint, evaluation or profile
+LOG_EVERY, STEPS, EVAL_EVERY = 10, 60, 30
+GUARDED = range(LOG_EVERY + 1, 2 * LOG_EVERY)  # steps 11-19: no log, checkpoint, evaluation or profile
 
 
 class DeviceRead(AssertionError):
@@ -48,12 +49,15 @@ def device_reads_fail(reads: list):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """A short run whose steps 6-9 run with device reads failing; (workdir, guarded steps, reads, control)."""
+    """A short run on all eight test devices whose steps 11-19 run with device reads failing;
+    (workdir, guarded steps, reads)."""
     workdir = tmp_path_factory.mktemp("run")
     config = small_config()
     config.train.update(steps=STEPS, log_every=LOG_EVERY, peak_flops=1e12, profile_steps="2,3")
+    config.train.optimizer.update(warmup_steps=5, peak_learning_rate=3e-3)
+    config.mesh.shape = (1, -1, 1)
     config.checkpoint.every = 1000  # only the final checkpoint
-    config.eval.update(every=LOG_EVERY, num_steps=(1, 3), batches=1)
+    config.eval.update(every=EVAL_EVERY, num_steps=(1, 3), batches=1)
     guarded, reads, control = [], [], []
     step_fn, calls, stack = Trainer.step, [0], contextlib.ExitStack()
 
@@ -85,11 +89,21 @@ def _records(workdir):
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
+def test_training_loop_loss_falls_and_metrics_are_written(run):
+    records = _records(run[0])
+    train_records = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_records] == list(range(LOG_EVERY, STEPS + 1, LOG_EVERY))
+    for key in ("step", "loss", "grad_norm", "lr", "num_steps_no_grad", "num_steps_with_grad", "tokens_per_sec", "mfu"):
+        assert all(key in r for r in train_records), key
+    assert train_records[-1]["loss"] < train_records[0]["loss"] - 1.0  # the progression task is learnable
+    assert all(r["tokens_per_sec"] > 0 and 0 < r["mfu"] < 1 for r in train_records)
+    assert [r["step"] for r in records if "eval_loss_r1" in r] == [EVAL_EVERY, STEPS]
+
+
 def test_steady_state_steps_do_not_read_from_the_device(run):
-    workdir, guarded, reads = run
+    _, guarded, reads = run
     assert guarded == list(GUARDED)
     assert reads == []
-    assert [r["step"] for r in _records(workdir)] == [5, 5, 10, 10]  # training and held-out records
 
 
 def test_tensorboard_events_hold_every_logged_value(run):
