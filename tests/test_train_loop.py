@@ -4,6 +4,11 @@ iterator exactly."""
 
 import contextlib
 import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 from unittest import mock
 
 import grain
@@ -14,10 +19,11 @@ from jax._src.array import ArrayImpl
 from jax.experimental import multihost_utils
 from tensorboard.backend.event_processing import event_accumulator
 
-from helpers import local_iterator, small_config
+from helpers import local_iterator, single_cpu_env, small_config
 from recurrent_depth.train_loop import PREFETCH_BATCHES, train
 from recurrent_depth.training import Trainer
 
+ROOT = Path(__file__).parent.parent
 LOG_EVERY, STEPS, EVAL_EVERY = 10, 60, 30
 GUARDED = range(LOG_EVERY + 1, 2 * LOG_EVERY)  # steps 11-19: no log, checkpoint, evaluation or profile
 
@@ -149,3 +155,27 @@ def test_prefetch_checkpoints_the_iterator_exactly():
         for key in batch:
             np.testing.assert_array_equal(again[key], batch[key])
     resumed.close()
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_every_process_at_the_same_step(tmp_path):
+    """JAX's preemption service carries one process's SIGTERM to the other: both save the same step and exit 0."""
+    portpicker = pytest.importorskip("portpicker")
+    address = f"127.0.0.1:{portpicker.pick_unused_port()}"
+    flags = ["--config=configs/tiny.py", "--config.train.steps=100000", "--config.train.log_every=1",
+             "--config.train.batch_size=16", "--config.train.seq_len=128", "--config.checkpoint.every=100000",
+             "--config.train.peak_flops=1e12"]
+    procs = [subprocess.Popen([sys.executable, "train.py", f"--workdir={tmp_path}", *flags], cwd=ROOT,
+                              env=dict(single_cpu_env(), JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2",
+                                       JAX_PROCESS_ID=str(i)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for i in range(2)]
+    metrics, deadline = tmp_path / "metrics.jsonl", time.time() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert time.time() < deadline and all(p.poll() is None for p in procs), procs[0].communicate()[0][-3000:]
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)  # process 1 only; process 0 writes the metrics
+    logs = [p.communicate(timeout=300)[0].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-2000:] for log in logs)
+    last = json.loads(metrics.read_text().splitlines()[-1])["step"]
+    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved[-1] == last  # the step both processes stopped at
