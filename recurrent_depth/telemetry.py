@@ -106,7 +106,7 @@ def parse_profile_steps(value) -> tuple[int, int] | None:
     if value is None or (isinstance(value, str) and not value.strip()) or (not isinstance(value, str) and not value):
         return None
     try:
-        parts = value.split(",") if isinstance(value, str) else list(value)
+        parts = value.strip("()[] ").split(",") if isinstance(value, str) else list(value)
         first, end = (int(p) if isinstance(p, str) else p for p in parts)
     except (TypeError, ValueError):  # not two items, or not numbers
         first = end = None

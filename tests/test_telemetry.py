@@ -26,7 +26,7 @@ def _scalars(logdir, tag):
 def test_profile_steps_parse():
     assert parse_profile_steps("") is None and parse_profile_steps(()) is None
     assert parse_profile_steps("20,25") == (20, 25) == parse_profile_steps(" 20 , 25 ")
-    assert parse_profile_steps((3, 4)) == (3, 4)
+    assert parse_profile_steps((3, 4)) == (3, 4) == parse_profile_steps("(3, 4)")
 
 
 @pytest.mark.parametrize("value", ["25,20", "5,5", "0,3", "-2,3", "7", "1,2,3", "a,b", "2.5,4", (2.0, 4), (True, 3), 7])
