@@ -201,6 +201,7 @@ def base_config() -> ml_collections.ConfigDict:
     train.z_loss = 0.0
     train.skip_nonfinite = True  # False: stop at the first non-finite gradient
     train.peak_flops = 0.0  # per device, for MFU/HFU; 0: the chip's bf16 peak (flops.PEAK_BF16_FLOPS), on CPU measured
+    train.profile_steps = ""  # "first,end": a jax.profiler trace of steps first..end-1 into <workdir>/profile/
     train.depth = ml_collections.ConfigDict(
         {"kind": "poisson-lognormal", "sigma": 0.5, "n": ml_collections.config_dict.placeholder(int),
          "k": ml_collections.config_dict.placeholder(int)})

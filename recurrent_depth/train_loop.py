@@ -10,17 +10,22 @@ import threading
 import time
 from pathlib import Path
 
+import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
+from etils import epath
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from recurrent_depth import flops
+from recurrent_depth import flops, telemetry
 from recurrent_depth.checkpoint import CHECKPOINTS_DIR, RUN_CONFIG_FILE, TrainCheckpointer
 from recurrent_depth.data import make_dataset
 from recurrent_depth.sharding import make_mesh
 from recurrent_depth.losses import token_losses
 from recurrent_depth.training import Trainer, TrainState
+
+PREFETCH_BATCHES = 2  # batches the host prepares ahead of the device
 
 
 def initialize_distributed(config: ml_collections.ConfigDict) -> None:
@@ -36,21 +41,27 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> None:
 
 
 class MetricsWriter:
-    """Appends one JSON object per logged step to <workdir>/metrics.jsonl (process 0 only)."""
+    """Writes each logged record to <workdir>/metrics.jsonl (one JSON object a line, appended across restarts) and
+    its numeric values to TensorBoard event files in <workdir>/tensorboard/ (process 0 only)."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: str | os.PathLike, start_step: int = 0):
         self.enabled = jax.process_index() == 0
         if self.enabled:
-            self.file = open(workdir / "metrics.jsonl", "a")
+            workdir = epath.Path(workdir)
+            self.file = telemetry.open_append(workdir / "metrics.jsonl")
+            self.tensorboard = telemetry.TensorBoardWriter(workdir / telemetry.TENSORBOARD_DIR,
+                                                           purge_step=start_step + 1 if start_step else None)
 
     def write(self, record: dict) -> None:
         if self.enabled:
-            self.file.write(json.dumps(record) + "\n")
+            self.file.write((json.dumps(record) + "\n").encode())
             self.file.flush()
+            self.tensorboard.write(record["step"], record)
 
     def close(self) -> None:
         if self.enabled:
             self.file.close()
+            self.tensorboard.close()
 
 
 def summarize(window: list[dict], trainer: Trainer, elapsed: float, peak_flops: float) -> dict:
@@ -104,23 +115,41 @@ class HeldOutEval:
 
 
 class _Preemption:
-    """Notes SIGTERM (preemption) so the loop can save and stop cleanly at the end of the current step."""
+    """Whether to save and stop at a step because of a preemption notice (SIGTERM), agreed by all processes.
 
-    def __init__(self):
-        self.requested = False
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self._handle)
+    Under jax.distributed, JAX's preemption service takes the signal: any process's notice makes
+    `reached_preemption_sync_point(step)` true on every process at the same step, a host-side check without a device
+    sync.  On one process the signal sets a flag.  On several processes without the service
+    (jax_enable_preemption_service=False) the flags are all-gathered at log steps only, which are device syncs anyway.
+    """
+
+    def __init__(self, step: int):
+        self.requested, self.service, self._installed, self._previous = False, False, False, None
+        if jax.distributed.is_initialized():
+            try:
+                multihost_utils.reached_preemption_sync_point(step)  # raises if the service is off
+                self.service = True
+            except RuntimeError:
+                pass
+        if not self.service and threading.current_thread() is threading.main_thread():
+            self._previous, self._installed = signal.signal(signal.SIGTERM, self._handle), True
 
     def _handle(self, signum, frame):
         self.requested = True
 
-    def agreed(self) -> bool:
-        """Whether any process was asked to stop (all processes must stop at the same step)."""
+    def reached(self, step: int, log_step: bool) -> bool:
+        """Whether every process stops after `step` (call it at every step, in order)."""
+        if self.service:
+            return multihost_utils.reached_preemption_sync_point(step)
         if jax.process_count() == 1:
             return self.requested
-        from jax.experimental import multihost_utils
+        return log_step and bool(multihost_utils.process_allgather(jnp.asarray(self.requested)).any())
 
-        return bool(multihost_utils.process_allgather(jnp.asarray(self.requested)).any())
+    def close(self) -> None:
+        """Gives SIGTERM back to the handler it had before."""
+        if self._installed:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
+            self._installed = False
 
 
 def _dataset(config, trainer: Trainer, seed: int, sources=None):
@@ -146,6 +175,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Trai
     """Trains to config.train.steps, resuming from the newest checkpoint in `workdir`; returns the final state."""
     initialize_distributed(config.distributed)
     workdir = Path(workdir)
+    profiler = telemetry.StepProfiler(config.train.profile_steps, epath.Path(workdir) / telemetry.PROFILE_DIR)
     trainer = Trainer(config, make_mesh(config.mesh.shape))
     iterator = iter(_dataset(config, trainer, seed=config.seed))
     held_out = _held_out(config, trainer)
@@ -156,17 +186,22 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Trai
     if jax.process_index() == 0:
         (workdir / RUN_CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
     peak = config.train.peak_flops or flops.peak_flops(dtype=trainer.model_config.compute_dtype)
-    writer, preemption = MetricsWriter(workdir), _Preemption()
     steps, start = config.train.steps, int(state.step)
+    writer, preemption = MetricsWriter(workdir, start), _Preemption(start)
+    # The host reads batch t+1 while the device runs step t; the wrapper's state is that of the last batch taken.
+    iterator = grain.experimental.ThreadPrefetchDatasetIterator(iterator, PREFETCH_BATCHES)
     window, tick = [], time.perf_counter()
     progress = tqdm(total=steps, initial=start, disable=jax.process_index() != 0, desc="train")
     try:
+        # Between log steps nothing here waits for the device (tests/test_train_loop.py checks it).
         for step in range(start + 1, steps + 1):
+            profiler.before_step(step)
             state, metrics = trainer.step(state, next(iterator))
-            window.append(metrics)
-            stop = preemption.agreed()
+            window.append(metrics)  # device scalars, fetched at the next log step
+            log_step = step % config.train.log_every == 0 or step == steps
+            stop = preemption.reached(step, log_step)
             checkpointer.save(step, state, iterator, force=stop or step == steps)
-            if step % config.train.log_every == 0 or step == steps or stop:
+            if log_step or stop:
                 window = jax.device_get(window)
                 if not config.train.skip_nonfinite and any(bool(m["nonfinite"]) for m in window):
                     raise FloatingPointError(f"non-finite gradient by step {step} "
@@ -177,13 +212,16 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Trai
                 window, tick = [], time.perf_counter()
             if held_out is not None and (step % config.eval.every == 0 or step == steps):
                 writer.write({"step": step, **held_out(state.params)})
+            profiler.after_step(step, state)
             progress.update(1)
             if stop:
                 break
     finally:
+        profiler.stop()
+        iterator.close()
+        preemption.close()
         progress.close()
         writer.close()
         checkpointer.wait()
         checkpointer.close()
     return state
-
