@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from recurrent_depth.config import ModelConfig
 from recurrent_depth.hf import CONFIG_FILE as HF_CONFIG_FILE
@@ -145,19 +146,16 @@ class TrainCheckpointer:
         them, with a warning; if none can be read, CheckpointError."""
         errors = []
         for step in sorted(self.manager.all_steps(), reverse=True):
-            items = {"state": ocp.args.StandardRestore(abstract_state)}
-            if iterator is not None:
-                items["data"] = ocp.args.JsonRestore()
             try:
-                restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+                state, data = self._read(step, abstract_state, iterator is not None)
                 if iterator is not None:
-                    iterator.set_state(restored.data)
+                    iterator.set_state(data)
                 error = None
             except Exception as err:  # noqa: BLE001 - any unreadable checkpoint falls back to the previous one
                 error = f"{type(err).__name__}: {str(err)[:300]}"
             failed = _failed_anywhere(error is not None)
             if not failed:
-                return restored.state
+                return state
             where = error or f"unreadable on process(es) {failed}"
             warnings.warn(f"checkpoint {self.directory / str(step)} is unreadable ({where}); all processes try the "
                           "previous one")
@@ -166,6 +164,18 @@ class TrainCheckpointer:
             raise CheckpointError(f"no checkpoint in {self.directory} could be restored (does it belong to "
                                   f"this config?):\n" + "\n".join(e[:500] for e in errors))
         return None
+
+    def _read(self, step: int, abstract_state, with_data: bool):
+        """(state, data state) of one checkpoint, read by this process alone: Orbax's item handlers, not its
+        checkpointer, whose barriers would wait forever for a process that failed to read."""
+        path = epath.Path(self.directory) / str(step)
+        handler = ocp.StandardCheckpointHandler()
+        try:
+            state = handler.restore(path / "state", args=ocp.args.StandardRestore(abstract_state))
+        finally:
+            handler.close()
+        data = ocp.JsonCheckpointHandler().restore(path / "data", args=ocp.args.JsonRestore()) if with_data else None
+        return state, data
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -180,5 +190,5 @@ def _failed_anywhere(failed: bool) -> list[int]:
         return [0] if failed else []
     from jax.experimental import multihost_utils
 
-    flags = multihost_utils.process_allgather(np.asarray(failed))
+    flags = multihost_utils.process_allgather(np.asarray([failed], np.int32))[:, 0]  # (gloo mishandles bool)
     return [int(i) for i in np.flatnonzero(flags)]
