@@ -102,3 +102,14 @@ def mixture_run_config(corpus):
     config.train.update(log_every=1, peak_flops=1e12)
     config.checkpoint.update(every=2, async_save=False)
     return config
+
+
+def params_checksum(params) -> float:
+    """The sum of squares of every parameter, computed on (and replicated over) the parameters' mesh."""
+    mesh = jax.tree.leaves(params)[0].sharding.mesh
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return float(jax.jit(lambda p: sum(jnp.sum(x.astype(jnp.float32) ** 2) for x in jax.tree.leaves(p)),
+                         out_shardings=replicated)(params))
+
+
+MULTIHOST_STEPS = 6  # steps of tests/test_multihost.py's runs (checkpoints at 2, 4 and 6)
