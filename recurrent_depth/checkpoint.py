@@ -2,7 +2,7 @@
 
 A parameter checkpoint DIR holds `model_config.json` and `params/` (an Orbax directory, written atomically).
 A training workdir holds `config.json` (the resolved run config) and `checkpoints/<step>/` with the train state
-and the data-iterator state.
+and the data-iterator state (the same on every process, so any process count restores it).
 """
 
 from __future__ import annotations

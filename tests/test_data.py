@@ -211,6 +211,19 @@ def test_bad_data_inputs(tmp_path, sp_tokenizer):
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"text": broken\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: malformed JSON"):
         make(_mixture_config([{"kind": "jsonl", "paths": str(tmp_path / "bad.jsonl")}], sp_tokenizer.model_file))
+    (tmp_path / "nofield.jsonl").write_text('{"text": "ok"}\n' * 30 + '{"body": "no text"}\n')
+    with pytest.raises(ValueError, match=r"nofield.jsonl:31: no field 'text'"):  # found by the lane reading it
+        make(_mixture_config([{"kind": "jsonl", "paths": str(tmp_path / "nofield.jsonl")}], sp_tokenizer.model_file))
+    (tmp_path / "latin1.txt").write_bytes("fine\n\ncaf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.txt:3: not UTF-8 text"):
+        make(_mixture_config([{"kind": "text", "paths": str(tmp_path / "latin1.txt")}], sp_tokenizer.model_file))
+    (tmp_path / "ok.txt").write_text("one\n\ntwo")
+    with pytest.raises(ValueError, match=r"ok.txt'.*weight must be positive, got 0.0"):
+        make(_mixture_config([{"kind": "text", "paths": str(tmp_path / "ok.txt"), "weight": 0.0}],
+                             sp_tokenizer.model_file))
+    with pytest.raises(ValueError, match=r"weight below 1/1000 of the total"):
+        make(_mixture_config([{"kind": "text", "paths": str(tmp_path / "ok.txt"), "weight": 1e-4},
+                              {"kind": "text", "paths": str(tmp_path / "ok.txt")}], sp_tokenizer.model_file))
     with pytest.raises(ValueError, match="unknown data source kind"):
         make(_mixture_config([{"kind": "csv", "paths": str(tmp_path / "bad.jsonl")}], sp_tokenizer.model_file))
     from array_record.python.array_record_module import ArrayRecordWriter
