@@ -174,8 +174,12 @@ class TrainCheckpointer:
             state = handler.restore(path / "state", args=ocp.args.StandardRestore(abstract_state))
         finally:
             handler.close()
-        data = ocp.JsonCheckpointHandler().restore(path / "data", args=ocp.args.JsonRestore()) if with_data else None
-        return state, data
+        if not with_data:
+            return state, None
+        legacy = sorted((path / "data").glob("process_*-of-*.json"))  # grain's per-process files (older runs)
+        if legacy and not (path / "data" / "metadata").exists():
+            return state, json.loads(legacy[0].read_text())  # a generated task's state: the same on every process
+        return state, ocp.JsonCheckpointHandler().restore(path / "data", args=ocp.args.JsonRestore())
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
