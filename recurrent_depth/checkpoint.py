@@ -2,7 +2,7 @@
 
 A parameter checkpoint DIR holds `model_config.json` and `params/` (an Orbax directory, written atomically).
 A training workdir holds `config.json` (the resolved run config) and `checkpoints/<step>/` with the train state
-and the data-iterator state.
+and the data-iterator state (the same on every process, so any process count restores it).
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ import warnings
 from pathlib import Path
 
 import flax.linen as nn
-import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from recurrent_depth.config import ModelConfig
 from recurrent_depth.hf import CONFIG_FILE as HF_CONFIG_FILE
@@ -116,7 +117,9 @@ class TrainCheckpointer:
     """Orbax checkpoints of the train state and the data-iterator state under one directory.
 
     Saves every `every` steps (asynchronously if asked), keeps the newest `keep` (plus every `keep_every`-th);
-    each checkpoint is committed atomically by Orbax, so a crash mid-save leaves the previous one intact.
+    each checkpoint is committed atomically by Orbax, so a crash mid-save leaves the previous one intact.  The
+    data state is the grain iterator's state, the same on every process (the step reached, see
+    recurrent_depth.data), saved once as JSON: any number of processes can restore it.
     """
 
     def __init__(self, directory: str | os.PathLike, every: int, keep: int, keep_every: int = 0,
@@ -133,33 +136,63 @@ class TrainCheckpointer:
         """Saves if `step` is due (or `force`); returns whether a save started."""
         if not force and step % self.every:  # the common case, without Orbax's per-call checks
             return False
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator))
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(iterator.get_state()))
         return self.manager.save(step, args=args, force=force)
 
     def restore_latest(self, abstract_state, iterator=None):
-        """The newest readable checkpoint's state (restored onto `abstract_state`'s shardings, so the mesh may
-        differ from the one that saved), with `iterator` (if given) rewound to it; None if there is no checkpoint.
-        An unreadable checkpoint is skipped with a warning; if none can be read, CheckpointError."""
+        """The newest checkpoint that every process can read, restored onto `abstract_state`'s shardings (so the
+        mesh and the process count may differ from the ones that saved), with `iterator` (if given) set to its
+        data state; None if there is no checkpoint.  A checkpoint unreadable on any process is skipped by all of
+        them, with a warning; if none can be read, CheckpointError."""
         errors = []
         for step in sorted(self.manager.all_steps(), reverse=True):
-            items = {"state": ocp.args.StandardRestore(abstract_state)}
-            if iterator is not None:
-                items["data"] = grain.checkpoint.CheckpointRestore(iterator)
             try:
-                restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+                state, data = self._read(step, abstract_state, iterator is not None)
+                if iterator is not None:
+                    iterator.set_state(data)
+                error = None
             except Exception as err:  # noqa: BLE001 - any unreadable checkpoint falls back to the previous one
-                warnings.warn(f"checkpoint {self.directory / str(step)} is unreadable ({type(err).__name__}: "
-                              f"{str(err)[:300]}); trying the previous one")
-                errors.append(f"step {step}: {err}")
-                continue
-            return restored.state
+                error = f"{type(err).__name__}: {str(err)[:300]}"
+            failed = _failed_anywhere(error is not None)
+            if not failed:
+                return state
+            where = error or f"unreadable on process(es) {failed}"
+            warnings.warn(f"checkpoint {self.directory / str(step)} is unreadable ({where}); all processes try the "
+                          "previous one")
+            errors.append(f"step {step}: {where}")
         if errors:
             raise CheckpointError(f"no checkpoint in {self.directory} could be restored (does it belong to "
                                   f"this config?):\n" + "\n".join(e[:500] for e in errors))
         return None
+
+    def _read(self, step: int, abstract_state, with_data: bool):
+        """(state, data state) of one checkpoint, read by this process alone: Orbax's item handlers, not its
+        checkpointer, whose barriers would wait forever for a process that failed to read."""
+        path = epath.Path(self.directory) / str(step)
+        handler = ocp.StandardCheckpointHandler()
+        try:
+            state = handler.restore(path / "state", args=ocp.args.StandardRestore(abstract_state))
+        finally:
+            handler.close()
+        if not with_data:
+            return state, None
+        legacy = sorted((path / "data").glob("process_*-of-*.json"))  # grain's per-process files (older runs)
+        if legacy and not (path / "data" / "metadata").exists():
+            return state, json.loads(legacy[0].read_text())  # a generated task's state: the same on every process
+        return state, ocp.JsonCheckpointHandler().restore(path / "data", args=ocp.args.JsonRestore())
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _failed_anywhere(failed: bool) -> list[int]:
+    """The processes on which `failed` is true (all of them take part, so all agree on the answer)."""
+    if jax.process_count() == 1:
+        return [0] if failed else []
+    from jax.experimental import multihost_utils
+
+    flags = multihost_utils.process_allgather(np.asarray([failed], np.int32))[:, 0]  # (gloo mishandles bool)
+    return [int(i) for i in np.flatnonzero(flags)]

@@ -1,10 +1,25 @@
-"""Training data with grain: sources, tokenisation, packing into rows with segment ids, batching.
+"""Training data: sources, tokenisation, packing into rows with segment ids, batching, as grain datasets.
 
-Sources (a mixture with weights): plain text files (documents separated by a blank line), JSONL (one document
-per line, a configurable text field) and pre-tokenized ArrayRecord files (one int32 document per record, written
-by `python -m recurrent_depth.data prepare`).  Documents get BOS/EOS like the original, are shuffled by seed,
-repeated by epoch, sharded per process and packed into rows of seq_len + 1 tokens; the iterator state goes into
-every checkpoint, so a resumed run reads exactly the batches the interrupted one would have.
+Sources (a mixture with weights): plain text files (documents separated by blank lines), JSONL (one document per
+line, a configurable text field) and pre-tokenized ArrayRecord files (one int32 document per record, written by
+`python -m recurrent_depth.data prepare`).  Every path is an `etils.epath.Path`, so `gs://` sources work.
+
+The global batch of step t is a function of (seed, t) and the data config only, never of the process count:
+- Row j of every global batch of B rows is *lane* j.  Lane j reads shard j of B of each source: for text and
+  JSONL the documents that begin in byte range j of B of the concatenated files (a JSONL line belongs to the range
+  holding its first byte, a text document to the range holding the blank line before it, or the file's start),
+  for ArrayRecord records j, j + B, ...  A shard with no document falls back to the whole source (tiny corpora).
+- A lane packs its shard's documents (BOS/EOS added, reshuffled every epoch by (seed, source, lane, epoch)) into
+  one endless token stream; its k-th row is tokens [k (L+1), (k+1)(L+1)) of that stream, found from k directly by
+  a search in the epoch's cumulative document lengths.  Rows are full (no padding); segment ids number the
+  document pieces of a row and positions restart at 0 in each.
+- Sources mix per row: a fixed pattern of 1000 slots gives each source its share of the weights (largest
+  remainder, smooth round robin); lane j's row at step t comes from slot (j * 1000 // B + t) mod 1000, and is the
+  next unused row of that source in that lane.
+So a process computes exactly its rows [lo, lo + B / P) of each batch, and it reads and holds only its lanes'
+shards: 1/P of the corpus, split before anything is read.  Nothing depends on history, so the data-iterator state
+is just the step: a checkpoint written by any number of processes resumes on any other number (or mesh).
+The generated tasks ('synthetic', 'shell_game') are functions of the step already; each process keeps its rows.
 
   python -m recurrent_depth.data prepare --input corpus/*.jsonl --tokenizer tok.model --output shards/ [--shards 8]
 """
@@ -17,12 +32,12 @@ import glob
 import json
 import os
 import sys
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Callable, Iterator, Sequence
 
 import grain
 import ml_collections
 import numpy as np
+from etils import epath
 from tqdm import tqdm
 
 from recurrent_depth.losses import IGNORE_INDEX
@@ -31,92 +46,279 @@ from recurrent_depth.synthetic import progression_batch
 from recurrent_depth.tokenizer import Tokenizer, load_tokenizer
 
 SOURCE_KINDS = ("text", "jsonl", "array_record")
+MIX_PERIOD = 1000  # slots of the per-row source pattern: weights are honoured to 1 / MIX_PERIOD
+# Batches computed ahead by grain's threads while the device runs the current step.
+READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
 
 
-def expand_paths(pattern: str | Sequence[str]) -> list[str]:
-    """Files matching one glob pattern or a list of them; a pattern matching nothing is an error."""
+def expand_paths(pattern: str | Sequence[str]) -> list[epath.Path]:
+    """Files matching one glob pattern or a list of them (local or gs://); a pattern matching nothing is an
+    error."""
     patterns = [pattern] if isinstance(pattern, str) else list(pattern)
     files = []
-    for p in patterns:
-        matched = sorted(glob.glob(p))
+    for p in map(str, patterns):
+        if glob.has_magic(p):
+            cut = p.rfind("/", 0, min(p.find(c) for c in "*?[" if c in p)) + 1
+            matched = sorted(epath.Path(p[:cut] or ".").glob(p[cut:]))
+        else:
+            matched = [epath.Path(p)] if epath.Path(p).exists() else []
         if not matched:
             raise FileNotFoundError(f"no data file matches {p!r}")
         files += matched
     return files
 
 
+# ---- reading records: whole files or one byte range of them ------------------------------------------------------
+def _json_object(line: bytes | str, where: Callable[[], str], error: type[ValueError] = ValueError) -> dict:
+    """One JSONL line as a dict; `where()` names the file and line in the error."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise error(f"{where()}: malformed JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(record, dict):
+        raise error(f"{where()}: expected a JSON object, got {type(record).__name__}")
+    return record
+
+
 def jsonl_records(path: str | os.PathLike, error: type[ValueError] = ValueError) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line of a JSONL file; a malformed line raises `error` naming the
     file and line."""
-    with open(path, encoding="utf-8") as f:
+    with epath.Path(path).open("r", encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise error(f"{path}:{number}: malformed JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(record, dict):
-                raise error(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-            yield number, record
+            if line.strip():
+                yield number, _json_object(line, lambda: f"{path}:{number}", error)
 
 
-def read_documents(kind: str, files: Sequence[str], text_field: str = "text") -> list[str]:
-    """Documents of text or JSONL files; malformed JSONL names the file and line."""
-    docs = []
-    for file in files:
-        if kind == "text":
-            with open(file, encoding="utf-8") as f:
-                docs += [d for d in f.read().split("\n\n") if d.strip()]
-            continue
-        for number, record in jsonl_records(file):
-            if text_field not in record:
-                raise ValueError(f"{file}:{number}: no field {text_field!r}")
-            docs.append(str(record[text_field]))
+def _line_number(path: epath.Path, offset: int) -> int:
+    """The line holding byte `offset` (only for error messages: reads the file up to there)."""
+    count = 1
+    with path.open("rb") as f:
+        while offset > 0:
+            chunk = f.read(min(offset, 1 << 20))
+            if not chunk:
+                break
+            count, offset = count + chunk.count(b"\n"), offset - len(chunk)
+    return count
+
+
+def _first_line_at(f, lo: int) -> int:
+    """Seeks `f` to the first line that starts at byte `lo` or later; returns its offset."""
+    if lo > 0:
+        f.seek(lo - 1)
+        f.readline()
+    return f.tell()
+
+
+def _utf8(data: bytes, path: epath.Path, offset: int) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}:{_line_number(path, offset + err.start)}: not UTF-8 text") from None
+
+
+def _jsonl_range(path: epath.Path, lo: int, hi: int, text_field: str) -> Iterator[str]:
+    """The `text_field` of each JSONL line that starts in bytes [lo, hi)."""
+    with path.open("rb") as f:
+        pos = _first_line_at(f, lo)
+        while pos < hi:
+            line = f.readline()
+            if not line:
+                break
+            if line.strip():
+                where = functools.partial(lambda at: f"{path}:{_line_number(path, at)}", pos)
+                record = _json_object(line, where)
+                if text_field not in record:
+                    raise ValueError(f"{where()}: no field {text_field!r}")
+                yield str(record[text_field])
+            pos += len(line)
+
+
+def _text_range(path: epath.Path, lo: int, hi: int) -> Iterator[str]:
+    """The documents (runs of non-blank lines) of a text file whose blank line before them starts in bytes [lo, hi)
+    (a document at the file's start: whose range holds byte 0).  Reads its range plus the end of its last document."""
+    with path.open("rb") as f:
+        pos = _first_line_at(f, lo)
+        owner = 0 if pos == 0 else None  # the offset of the blank line just read (None: a non-blank line or unknown)
+        lines, start, in_doc = None, 0, False  # lines: the document being collected, if it is this range's
+        while pos < hi or lines is not None or (owner is not None and owner < hi):
+            line = f.readline()
+            if not line:
+                break
+            if line.strip():
+                if not in_doc and owner is not None and lo <= owner < hi:
+                    lines, start = [], pos
+                if lines is not None:
+                    lines.append(line)
+                in_doc, owner = True, None
+            else:
+                if lines is not None:
+                    yield _utf8(b"".join(lines), path, start).removesuffix("\n").removesuffix("\r")
+                lines, in_doc, owner = None, False, pos
+            pos += len(line)
+        if lines is not None:
+            yield _utf8(b"".join(lines), path, start).removesuffix("\n").removesuffix("\r")
+
+
+def read_shard(kind: str, files: Sequence[epath.Path], shard: int, num_shards: int,
+               text_field: str = "text") -> list[str]:
+    """The documents of text or JSONL `files` that begin in byte range `shard` of `num_shards` of their
+    concatenation; reads only that range (and the end of its last document).  The shards partition the corpus."""
+    if kind not in ("text", "jsonl"):
+        raise ValueError(f"read_shard reads text or jsonl files, not {kind!r}")
+    files = [epath.Path(f) for f in files]
+    sizes = [f.stat().length for f in files]
+    total = sum(sizes)
+    lo, hi = shard * total // num_shards, (shard + 1) * total // num_shards
+    docs, start = [], 0
+    for file, size in zip(files, sizes):
+        a, b = max(lo - start, 0), min(hi - start, size)
+        if a < b:
+            docs += _text_range(file, a, b) if kind == "text" else _jsonl_range(file, a, b, text_field)
+        start += size
     return docs
 
 
+def read_documents(kind: str, files: Sequence[epath.Path], text_field: str = "text") -> list[str]:
+    """Every document of text or JSONL files; malformed JSONL names the file and line."""
+    return read_shard(kind, files, 0, 1, text_field)
+
+
 class _Tokenize:
-    """text -> {'tokens': [BOS, ..., EOS]} (module-level class: picklable for grain workers)."""
+    """text -> [BOS, ..., EOS] int32 (module-level class: picklable for grain workers)."""
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
 
-    def __call__(self, text: str) -> dict:
+    def __call__(self, text: str) -> np.ndarray:
         t = self.tokenizer
-        return {"tokens": np.asarray([t.bos_id, *t.encode(text), t.eos_id], np.int32)}
+        return np.asarray([t.bos_id, *t.encode(text), t.eos_id], np.int32)
 
 
 class _Decode:
-    """An ArrayRecord record (int32 bytes) -> {'tokens'}, rejecting ids outside the vocabulary."""
+    """An ArrayRecord record (int32 bytes) -> tokens, rejecting ids outside the vocabulary."""
 
     def __init__(self, vocab_size: int, name: str):
         self.vocab_size, self.name = vocab_size, name
 
-    def __call__(self, record: bytes) -> dict:
+    def __call__(self, record: bytes) -> np.ndarray:
         tokens = np.frombuffer(record, np.int32).copy()
         bad = tokens[(tokens < 0) | (tokens >= self.vocab_size)]
         if bad.size:
             raise ValueError(f"{self.name}: token id {int(bad[0])} outside the model's vocabulary [0, {self.vocab_size})")
-        return {"tokens": tokens}
+        return tokens
 
 
-def source_dataset(source: ml_collections.ConfigDict, tokenizer: Tokenizer | None, vocab_size: int) -> grain.MapDataset:
-    """Documents of one source as {'tokens'} elements."""
+def shard_documents(source: ml_collections.ConfigDict, tokenizer: Tokenizer | None, vocab_size: int, shard: int,
+                    num_shards: int) -> list[np.ndarray]:
+    """The tokenized documents of shard `shard` of `num_shards` of one source (the whole source if that shard
+    holds none): what one lane of the global batch reads."""
     if source.kind not in SOURCE_KINDS:
         raise ValueError(f"unknown data source kind {source.kind!r}; valid kinds: {SOURCE_KINDS}")
     files = expand_paths(source.paths)
     if source.kind == "array_record":
-        ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(files))
-        if len(ds) == 0:
-            raise ValueError(f"the data source {source.paths!r} holds no documents")
-        return ds.map(_Decode(vocab_size, str(source.paths)))
-    if tokenizer is None:
-        raise ValueError(f"a {source.kind} source needs data.tokenizer.kind and data.tokenizer.path")
-    docs = read_documents(source.kind, files, source.get("text_field", "text"))
+        records = grain.sources.ArrayRecordDataSource([str(f) for f in files])
+        decode = _Decode(vocab_size, str(source.paths))
+        indices = range(shard, len(records), num_shards) or range(len(records))
+        docs = [decode(records[i]) for i in indices]
+    else:
+        if tokenizer is None:
+            raise ValueError(f"a {source.kind} source needs data.tokenizer.kind and data.tokenizer.path")
+        text_field = source.get("text_field", "text")
+        texts = read_shard(source.kind, files, shard, num_shards, text_field)
+        texts = texts or (read_shard(source.kind, files, 0, 1, text_field) if num_shards > 1 else [])
+        docs = list(map(_Tokenize(tokenizer), texts))
     if not docs:
         raise ValueError(f"the data source {source.paths!r} holds no documents")
-    return grain.MapDataset.source(docs).map(_Tokenize(tokenizer))
+    return docs
+
+
+class _Lane:
+    """One source's rows for one lane: its documents packed into an endless stream, reshuffled each epoch; row k
+    is tokens [k L, (k+1) L) of the stream (L = row_len), computed from k alone."""
+
+    def __init__(self, docs: Sequence[np.ndarray], row_len: int, seed: Sequence[int]):
+        self.lengths = np.array([len(d) for d in docs], np.int64)
+        self.starts = np.cumsum(self.lengths) - self.lengths
+        self.tokens = np.concatenate(docs)
+        self.total, self.row_len, self.seed = int(self.lengths.sum()), row_len, tuple(seed)
+        self._epochs = {}  # epoch -> (document order, cumulative lengths in that order); read by grain threads
+
+    def _epoch(self, epoch: int):
+        cached = self._epochs.get(epoch)
+        if cached is None:
+            order = np.random.default_rng([*self.seed, epoch]).permutation(len(self.lengths))
+            cached = order, np.cumsum(self.lengths[order])
+            if len(self._epochs) >= 4:
+                self._epochs.clear()
+            self._epochs[epoch] = cached
+        return cached
+
+    def row(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(tokens, segment ids, positions) [row_len] of row k: one segment per document piece."""
+        pieces = []
+        pos, end = k * self.row_len, (k + 1) * self.row_len
+        while pos < end:
+            epoch, offset = divmod(pos, self.total)
+            order, ends = self._epoch(epoch)
+            i = int(np.searchsorted(ends, offset, side="right"))
+            doc = order[i]
+            inside = offset - (int(ends[i]) - int(self.lengths[doc]))
+            n = min(int(self.lengths[doc]) - inside, end - pos)
+            pieces.append(self.tokens[self.starts[doc] + inside:self.starts[doc] + inside + n])
+            pos += n
+        segments = np.concatenate([np.full(len(p), s, np.int32) for s, p in enumerate(pieces, 1)])
+        positions = np.concatenate([np.arange(len(p), dtype=np.int32) for p in pieces])
+        return np.concatenate(pieces), segments, positions
+
+
+class _Schedule:
+    """Which source each lane's row comes from at each step: a fixed pattern of MIX_PERIOD slots holding each
+    source in proportion to its weight; lane j starts at slot j * MIX_PERIOD // lanes."""
+
+    def __init__(self, weights: Sequence[float], lanes: int, names: Sequence[str]):
+        for w, name in zip(weights, names):
+            if not w > 0:
+                raise ValueError(f"data source {name!r}: weight must be positive, got {w!r}")
+        share = np.asarray(weights, np.float64) / sum(weights) * MIX_PERIOD
+        quota = np.floor(share).astype(np.int64)
+        quota[np.argsort(quota - share)[:MIX_PERIOD - quota.sum()]] += 1  # largest remainders
+        for q, name in zip(quota, names):
+            if q == 0:
+                raise ValueError(f"data source {name!r}: weight below 1/{MIX_PERIOD} of the total")
+        credit, pattern = np.zeros(len(quota), np.int64), []
+        for _ in range(MIX_PERIOD):  # smooth weighted round robin: sources interleave evenly
+            credit += quota
+            pattern.append(int(np.argmax(credit)))
+            credit[pattern[-1]] -= MIX_PERIOD
+        self.pattern, self.quota = np.asarray(pattern), quota
+        self.prefix = np.concatenate([np.zeros((1, len(quota)), np.int64),
+                                      np.cumsum(np.eye(len(quota), dtype=np.int64)[pattern], axis=0)])
+        self.offsets = [j * MIX_PERIOD // lanes for j in range(lanes)]
+
+    def _count(self, n: int) -> np.ndarray:  # [sources] slots of each source among the first n
+        return (n // MIX_PERIOD) * self.quota + self.prefix[n % MIX_PERIOD]
+
+    def __call__(self, lane: int, step: int) -> tuple[int, int]:
+        """(source, row of that source in this lane) of the lane's row at `step`."""
+        o = self.offsets[lane]
+        source = int(self.pattern[(o + step) % MIX_PERIOD])
+        return source, int(self._count(o + step)[source] - self._count(o)[source])
+
+
+class _MixtureBatch:
+    """step -> this process's rows of the global batch, as model inputs [rows, seq]."""
+
+    def __init__(self, lanes: dict[int, list[_Lane]], schedule: _Schedule, document_masking: bool):
+        self.lanes, self.schedule = lanes, schedule  # lanes: global row -> one _Lane per source
+        self.to_model = _ToModelBatch(document_masking)
+
+    def __call__(self, step: int) -> dict:
+        rows = []
+        for j, per_source in self.lanes.items():
+            source, k = self.schedule(j, step)
+            rows.append(per_source[source].row(k))
+        tokens, segments, positions = (np.stack(x) for x in zip(*rows))
+        return self.to_model({"tokens": tokens, "tokens_segment_ids": segments, "tokens_positions": positions})
 
 
 class _ToModelBatch:
@@ -140,64 +342,64 @@ class _ToModelBatch:
                 **{k: v.astype(np.int32) for k, v in batch.items()}}
 
 
-def _generated(make_batch, batch_size: int, process_index: int, process_count: int) -> grain.IterDataset:
-    """Batches of an in-process task: batch `step` is make_batch(step); this process keeps its rows."""
-    rows = batch_size // process_count
-    lo = process_index * rows
+def _by_step(batch_of_step) -> grain.IterDataset:
+    """The endless dataset whose element i is batch_of_step(i); its iterator state is the step reached, the same
+    on every process and for any process count."""
+    return grain.MapDataset.range(2**62).map(batch_of_step).to_iter_dataset(READ_OPTIONS)
 
-    def local(step):
-        return {k: v[lo:lo + rows] for k, v in make_batch(step).items()}
 
-    return grain.MapDataset.range(2**62).map(local).to_iter_dataset()
+class _LocalRows:
+    """Batch `step` of an in-process task (make_batch(step)); this process keeps rows [lo, lo + rows)."""
+
+    def __init__(self, make_batch, lo: int, rows: int):
+        self.make_batch, self.lo, self.rows = make_batch, lo, rows
+
+    def __call__(self, step: int) -> dict:
+        return {k: v[self.lo:self.lo + self.rows] for k, v in self.make_batch(step).items()}
 
 
 def make_dataset(config: ml_collections.ConfigDict, *, batch_size: int, seq_len: int, vocab_size: int, seed: int,
                  process_index: int = 0, process_count: int = 1, sources=None) -> grain.IterDataset:
-    """This process's batches of `batch_size // process_count` rows (an infinite, checkpointable grain dataset).
+    """This process's rows [p B/P, (p+1) B/P) of each global batch of B = `batch_size` rows (an endless grain
+    dataset whose iterator state is the step); the global batches do not depend on the process count.
 
     `config` is the `data` section; `sources` overrides `config.sources` (e.g. with the held-out sources).
     """
     if batch_size % process_count:
         raise ValueError(f"the batch size {batch_size} is not divisible by {process_count} processes")
+    rows = batch_size // process_count
+    lo = process_index * rows
     if config.kind == "synthetic":
-        return _generated(functools.partial(progression_batch, batch_size, seq_len, vocab_size, seed), batch_size,
-                          process_index, process_count)
+        return _by_step(_LocalRows(functools.partial(progression_batch, batch_size, seq_len, vocab_size, seed), lo,
+                                   rows))
     if config.kind == "shell_game":
         if vocab_size < ShellGameTokenizer.vocab_size:
             raise ValueError(f"the shell game has {ShellGameTokenizer.vocab_size} tokens but the model only "
                              f"{vocab_size}")
-        return _generated(functools.partial(shell_game_batch, batch_size, seq_len, seed), batch_size,
-                          process_index, process_count)
+        return _by_step(_LocalRows(functools.partial(shell_game_batch, batch_size, seq_len, seed), lo, rows))
     if config.kind != "mixture":
         raise ValueError(f"unknown data.kind {config.kind!r}; valid kinds: 'synthetic', 'shell_game', 'mixture'")
     sources = config.sources if sources is None else sources
     if not sources:
         raise ValueError("data.sources is empty: give at least one {kind, paths, weight} source")
+    sources = [ml_collections.ConfigDict(s) for s in sources]
     tokenizer = load_tokenizer(config.tokenizer.kind, config.tokenizer.path) if config.tokenizer.path else None
     if tokenizer is not None and tokenizer.vocab_size > vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {vocab_size}")
-    datasets, weights = [], []
-    for i, source in enumerate(sources):
-        source = ml_collections.ConfigDict(source)
-        ds = source_dataset(source, tokenizer, vocab_size)
-        if len(ds) < process_count:
-            raise ValueError(f"data source {source.paths!r} has fewer documents than processes")
-        ds = ds[process_index::process_count].seed(seed + i).shuffle().repeat(None)
-        datasets.append(ds)
-        weights.append(float(source.get("weight", 1.0)))
-    ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
-    packed = grain.experimental.ConcatThenSplitIterDataset(ds.to_iter_dataset(), length_struct={"tokens": seq_len + 1})
-    return packed.batch(batch_size // process_count, drop_remainder=True).map(_ToModelBatch(config.document_masking))
+    schedule = _Schedule([float(s.get("weight", 1.0)) for s in sources], batch_size, [str(s.paths) for s in sources])
+    lanes = {j: [_Lane(shard_documents(s, tokenizer, vocab_size, j, batch_size), seq_len + 1, (seed, i, j))
+                 for i, s in enumerate(sources)] for j in range(lo, lo + rows)}
+    return _by_step(_MixtureBatch(lanes, schedule, config.document_masking))
 
 
 # ---- preprocessing CLI -----------------------------------------------------------------------------------
-def prepare(inputs: Sequence[str], tokenizer: Tokenizer, output: str | Path, num_shards: int = 1,
-            kind: str | None = None, text_field: str = "text") -> list[Path]:
+def prepare(inputs: Sequence[str], tokenizer: Tokenizer, output: str | os.PathLike, num_shards: int = 1,
+            kind: str | None = None, text_field: str = "text") -> list[epath.Path]:
     """Tokenizes text/JSONL files once into ArrayRecord shards (one int32 document with BOS/EOS per record)."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
     files = expand_paths(list(inputs))
-    output = Path(output)
+    output = epath.Path(output)
     output.mkdir(parents=True, exist_ok=True)
     paths = [output / f"data-{i:05d}-of-{num_shards:05d}.arrayrecord" for i in range(num_shards)]
     writers = [ArrayRecordWriter(str(p), "group_size:1") for p in paths]
@@ -205,9 +407,9 @@ def prepare(inputs: Sequence[str], tokenizer: Tokenizer, output: str | Path, num
     count = 0
     try:
         for file in tqdm(files, desc="prepare", unit="file"):
-            file_kind = kind or ("jsonl" if file.endswith((".jsonl", ".json")) else "text")
+            file_kind = kind or ("jsonl" if file.suffix in (".jsonl", ".json") else "text")
             for doc in read_documents(file_kind, [file], text_field):
-                writers[count % num_shards].write(tokenize(doc)["tokens"].tobytes())
+                writers[count % num_shards].write(tokenize(doc).tobytes())
                 count += 1
     finally:
         for w in writers:

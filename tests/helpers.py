@@ -72,3 +72,44 @@ def eval_requests():
                 for i in range(19)]
     prompts = [rng.integers(3, 500, 2 + i).tolist() for i in range(10)]
     return requests, prompts
+
+
+def write_mixture_corpus(directory) -> Path:
+    """A tiny JSONL + text corpus and a SentencePiece tokenizer trained on it, in `directory` (returned)."""
+    import json
+
+    from recurrent_depth.tokenizer import train_sentencepiece
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    words = ["the", "core", "block", "iterates", "über", "state", "12", "ok."]
+    docs = [" ".join(rng.choice(words, rng.integers(3, 40))) for _ in range(120)]
+    with open(directory / "docs.jsonl", "w") as f:
+        f.writelines(json.dumps({"text": d}) + "\n" for d in docs[:80])
+    (directory / "docs.txt").write_text("\n\n".join(docs[80:]))
+    train_sentencepiece([directory / "docs.txt"], directory / "sp", vocab_size=300)
+    return directory
+
+
+def mixture_run_config(corpus):
+    """small_config() training on write_mixture_corpus(corpus)'s JSONL and text (weights 3:1), logging every step."""
+    config = small_config()
+    config.data.kind = "mixture"
+    config.data.sources = [{"kind": "jsonl", "paths": str(Path(corpus) / "*.jsonl"), "weight": 3.0},
+                           {"kind": "text", "paths": str(Path(corpus) / "docs.txt"), "weight": 1.0}]
+    config.data.tokenizer.path = str(Path(corpus) / "sp.model")
+    config.train.update(log_every=1, peak_flops=1e12)
+    config.checkpoint.update(every=2, async_save=False)
+    return config
+
+
+def params_checksum(params) -> float:
+    """The sum of squares of every parameter, computed on (and replicated over) the parameters' mesh."""
+    mesh = jax.tree.leaves(params)[0].sharding.mesh
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return float(jax.jit(lambda p: sum(jnp.sum(x.astype(jnp.float32) ** 2) for x in jax.tree.leaves(p)),
+                         out_shardings=replicated)(params))
+
+
+MULTIHOST_STEPS = 6  # steps of tests/test_multihost.py's runs (checkpoints at 2, 4 and 6)

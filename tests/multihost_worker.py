@@ -1,23 +1,58 @@
-"""One process of the two-process test (tests/test_multihost.py): a few sharded train steps and sharded
-evaluation over 2 processes x 4 CPU devices; process 0 writes the results as JSON."""
+"""One process of the two-process test (tests/test_multihost.py), 2 processes x 4 CPU devices: `train` on mixture
+data into a shared workdir (that the test then resumes in one process), an agreed restore from a copy of it whose
+newest checkpoint only process 0 can read, and sharded evaluation; process 0 writes the results as JSON."""
 
 import json
+import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import jax
 
 jax.config.update("jax_num_cpu_devices", 4)
 
-from recurrent_depth.training import Trainer  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
+
+from recurrent_depth.checkpoint import TrainCheckpointer  # noqa: E402
 from recurrent_depth.sharding import make_mesh  # noqa: E402
-from helpers import eval_requests, local_iterator, run_steps, small_config  # noqa: E402
+from recurrent_depth.train_loop import train  # noqa: E402
+from recurrent_depth.training import Trainer  # noqa: E402
+from helpers import MULTIHOST_STEPS as STEPS  # noqa: E402
+from helpers import eval_requests, local_iterator, mixture_run_config, params_checksum  # noqa: E402
 
 
-def train_steps() -> dict:
-    config = small_config()
-    losses, checksum = run_steps(Trainer(config, make_mesh((2, 2, 2))), local_iterator(config), steps=3)
-    return {"losses": losses, "checksum": checksum}
+
+def train_steps(corpus: Path) -> dict:
+    """`train` of mixture_run_config(corpus) on a (2, 2, 2) mesh into corpus/run: its final parameters' checksum."""
+    config = mixture_run_config(corpus)
+    config.train.steps, config.mesh.shape = STEPS, (2, 2, 2)
+    return {"checksum": params_checksum(train(config, corpus / "run").params)}
+
+
+def restore_agreed(corpus: Path) -> dict:
+    """From a copy of corpus/run whose newest checkpoint has process 1's array files corrupted, both processes
+    restore: [restored step, warned, failed here] of each process."""
+    config = mixture_run_config(corpus)
+    copy = corpus / "corrupt"
+    if jax.process_index() == 0:
+        shutil.copytree(corpus / "run" / "checkpoints", copy)
+        corrupted = [f for f in (copy / str(STEPS) / "state").rglob("*")
+                     if f.is_file() and "ocdbt.process_1" in str(f)]
+        assert corrupted, sorted(map(str, (copy / str(STEPS)).rglob("*")))
+        for f in corrupted:
+            f.write_bytes(b"\0" * 7)
+    multihost_utils.sync_global_devices("corrupted")
+    checkpointer = TrainCheckpointer(copy, every=1, keep=10, async_save=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        state = checkpointer.restore_latest(Trainer(config, make_mesh((2, 2, 2))).abstract_state(),
+                                            local_iterator(config))
+    checkpointer.close()
+    messages = [str(w.message) for w in caught if "unreadable" in str(w.message)]
+    mine = np.asarray([int(state.step), bool(messages), any("on process" not in m for m in messages)], np.int32)
+    return {"restores": multihost_utils.process_allgather(mine).tolist()}
 
 
 def evaluate() -> dict:
@@ -34,10 +69,10 @@ def evaluate() -> dict:
             "adaptive_steps": adaptive.steps.tolist(), "tokens": generated.tokens}
 
 
-def main(port: int, process_id: int, out: str) -> None:
+def main(port: int, process_id: int, out: str, corpus: str) -> None:
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
     assert jax.device_count() == 8 and jax.local_device_count() == 4
-    result = {"train": train_steps(), "eval": evaluate()}
+    result = {"train": train_steps(Path(corpus)), "restore": restore_agreed(Path(corpus)), "eval": evaluate()}
     if jax.process_index() == 0:
         with open(out, "w") as f:
             json.dump(result, f)
@@ -45,4 +80,4 @@ def main(port: int, process_id: int, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])

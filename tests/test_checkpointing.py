@@ -152,3 +152,24 @@ def test_out_of_range_token_in_pretokenized_data_fails_without_checkpoint(tmp_pa
         train(config, tmp_path / "workdir")
     checkpoints = tmp_path / "workdir" / "checkpoints"
     assert not checkpoints.exists() or not any(p.name.isdigit() for p in checkpoints.iterdir())
+
+
+def test_restores_the_data_state_of_older_per_process_checkpoints(tmp_path):
+    """Runs saved grain's per-process iterator files; a generated task's (the step) restores on any process count."""
+    import grain
+    import orbax.checkpoint as ocp
+
+    config = small_config()
+    saved = local_iterator(config)
+    for _ in range(3):
+        next(saved)
+    with ocp.CheckpointManager(tmp_path, options=ocp.CheckpointManagerOptions(create=True)) as manager:
+        manager.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave({"w": np.arange(3.0)}),
+                                                data=grain.checkpoint.CheckpointSave(saved)))
+    assert (tmp_path / "3" / "data" / "process_0-of-1.json").exists()
+    checkpointer = TrainCheckpointer(tmp_path, every=1, keep=3, async_save=False)
+    resumed = local_iterator(config)
+    state = checkpointer.restore_latest({"w": jax.ShapeDtypeStruct((3,), np.float64)}, resumed)
+    checkpointer.close()
+    np.testing.assert_array_equal(state["w"], np.arange(3.0))
+    np.testing.assert_array_equal(next(resumed)["inputs"], next(saved)["inputs"])

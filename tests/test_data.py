@@ -7,7 +7,7 @@ import pytest
 
 from recurrent_depth.config import data_config
 from recurrent_depth.data import main as data_main
-from recurrent_depth.data import make_dataset
+from recurrent_depth.data import make_dataset, read_documents, read_shard
 from recurrent_depth.tokenizer import (BOS, EOS, PAD, HuggingFaceTokenizer, apply_chat_template, load_tokenizer,
                                        train_sentencepiece)
 
@@ -70,30 +70,43 @@ def _documents(tmp_path, n=40):
     return docs
 
 
-def _rows(config, seq_len, rows_per_batch, count):
-    it = iter(make_dataset(config, batch_size=rows_per_batch, seq_len=seq_len, vocab_size=512, seed=3))
-    batches = [next(it) for _ in range(count)]
-    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+def _rows(config, seq_len, rows_per_batch, count, process_index=0, process_count=1):
+    it = iter(make_dataset(config, batch_size=rows_per_batch, seq_len=seq_len, vocab_size=512, seed=3,
+                           process_index=process_index, process_count=process_count))
+    return _stack([next(it) for _ in range(count)])
+
+
+def _stack(batches):
+    """{key: [steps, rows, seq]} of a list of batches."""
+    return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+
+
+def _tokenized(tokenizer, docs):
+    return sorted(tuple([tokenizer.bos_id, *tokenizer.encode(d), tokenizer.eos_id]) for d in docs)
 
 
 def test_packing_loses_and_duplicates_no_token(tmp_path, sp_tokenizer):
     docs = _documents(tmp_path)
     source = [{"kind": "jsonl", "paths": str(tmp_path / "docs.jsonl"), "text_field": "body"}]
-    expected = sorted(tuple([sp_tokenizer.bos_id, *sp_tokenizer.encode(d), sp_tokenizer.eos_id]) for d in docs)
-    total = sum(map(len, expected))
-    seq_len, per_batch = 16, 4
-    count = total // (per_batch * (seq_len + 1)) + 2
+    seq_len, lanes = 16, 4
+    shards = [read_shard("jsonl", [tmp_path / "docs.jsonl"], j, lanes, "body") for j in range(lanes)]
+    assert sorted(d for s in shards for d in s) == sorted(docs)  # the lanes' shards partition the corpus
+    count = max(sum(map(len, _tokenized(sp_tokenizer, s))) for s in shards) // (seq_len + 1) + 2
     # Without document masking every label is the next token, so each row's seq_len + 1 tokens are recoverable.
-    plain = _rows(_mixture_config(source, sp_tokenizer.model_file, document_masking=False), seq_len, per_batch, count)
+    plain = _rows(_mixture_config(source, sp_tokenizer.model_file, document_masking=False), seq_len, lanes, count)
     assert np.all(plain["labels"] != -100)
-    stream = np.concatenate([np.append(x, y[-1]) for x, y in zip(plain["inputs"], plain["labels"])])
-    epoch = stream[:total]  # packing keeps order: the first epoch's documents, each once, none cut short
-    starts = np.flatnonzero(epoch == sp_tokenizer.bos_id)
-    assert sorted(tuple(epoch[a:b]) for a, b in zip(starts, [*starts[1:], total])) == expected
+    for j, shard in enumerate(shards):  # row j of every batch is lane j: a packed stream of shard j's documents
+        expected = _tokenized(sp_tokenizer, shard)
+        total = sum(map(len, expected))
+        stream = np.concatenate([np.append(x, y[-1]) for x, y in zip(plain["inputs"][:, j], plain["labels"][:, j])])
+        epoch = stream[:total]  # the first epoch: each of the shard's documents once, none cut short
+        starts = np.flatnonzero(epoch == sp_tokenizer.bos_id)
+        assert sorted(tuple(epoch[a:b]) for a, b in zip(starts, [*starts[1:], total])) == expected
 
-    masked = _rows(_mixture_config(source, sp_tokenizer.model_file), seq_len, per_batch, count)
+    masked = _rows(_mixture_config(source, sp_tokenizer.model_file), seq_len, lanes, count)
     np.testing.assert_array_equal(masked["inputs"], plain["inputs"])  # same packing, only masks differ
-    for inputs, labels, segs, pos in zip(masked["inputs"], masked["labels"], masked["segment_ids"], masked["positions"]):
+    for inputs, labels, segs, pos in zip(*(masked[k].reshape(-1, seq_len)
+                                           for k in ("inputs", "labels", "segment_ids", "positions"))):
         assert segs[0] == 1 and set(np.diff(segs)) <= {0, 1}
         boundary = segs[1:] != segs[:-1]
         assert np.all(inputs[1:][boundary] == sp_tokenizer.bos_id)  # a new segment is a new document
@@ -101,6 +114,52 @@ def test_packing_loses_and_duplicates_no_token(tmp_path, sp_tokenizer):
         np.testing.assert_array_equal(labels[:-1][~boundary], inputs[1:][~boundary])
         assert np.all(pos[np.flatnonzero(np.concatenate([[True], boundary]))] == 0)
         assert np.all(np.diff(pos)[~boundary] == 1)
+
+
+def test_global_batch_is_the_same_for_any_process_count_and_resumes_across_counts(tmp_path, sp_tokenizer):
+    docs = _documents(tmp_path)
+    (tmp_path / "b.txt").write_text("\n\n".join("core " * (i + 1) for i in range(12)))
+    config = _mixture_config([{"kind": "jsonl", "paths": str(tmp_path / "docs.jsonl"), "text_field": "body",
+                               "weight": 3.0}, {"kind": "text", "paths": str(tmp_path / "b.txt"), "weight": 1.0}],
+                             sp_tokenizer.model_file)
+    steps, lanes = 25, 8
+    whole = _rows(config, 8, lanes, steps)
+    for count in (2, 4):
+        parts = [_rows(config, 8, lanes, steps, p, count) for p in range(count)]
+        for key, value in whole.items():
+            np.testing.assert_array_equal(np.concatenate([part[key] for part in parts], axis=1), value)
+    # Rows mix the sources by weight: a row of the text source holds a token no JSONL document has.
+    core = set(sp_tokenizer.encode("core ")) - {t for d in docs for t in sp_tokenizer.encode(d)}
+    from_text = np.mean([bool(set(row) & core) for row in whole["inputs"].reshape(-1, 8)])
+    assert abs(from_text - 0.25) < 0.05, from_text
+
+    # The iterator state of 2 processes after 5 steps puts 1 process at step 5.
+    it = iter(make_dataset(config, batch_size=lanes, seq_len=8, vocab_size=512, seed=3, process_index=1,
+                           process_count=2))
+    for _ in range(5):
+        next(it)
+    single = iter(make_dataset(config, batch_size=lanes, seq_len=8, vocab_size=512, seed=3))
+    single.set_state(json.loads(json.dumps(it.get_state())))
+    np.testing.assert_array_equal(next(single)["inputs"], whole["inputs"][5])
+
+
+def test_processes_read_disjoint_byte_ranges_whose_union_is_the_corpus(tmp_path):
+    rng = np.random.default_rng(2)
+    words = ["alpha", "beta", "über", "🙂", "x²"]
+    docs = [" ".join(rng.choice(words, rng.integers(1, 12))) for _ in range(60)]
+    text_docs = [d.replace(" ", "\n", 1) for d in docs]  # multi-line documents
+    with open(tmp_path / "a.jsonl", "w") as f:
+        f.writelines(json.dumps({"text": d}) + ("\n\n" if i % 5 == 0 else "\n") for i, d in enumerate(docs[:40]))
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[40:]))
+    (tmp_path / "a.txt").write_text("\n\n" + "\n\n\n".join(text_docs[:30]) + "\n")
+    (tmp_path / "b.txt").write_text("\n \n".join(text_docs[30:]))
+    for kind, files, expected in (("jsonl", ["a.jsonl", "b.jsonl"], docs), ("text", ["a.txt", "b.txt"], text_docs)):
+        files = [tmp_path / f for f in files]
+        assert read_documents(kind, files) == expected
+        for processes in (2, 3, 16):
+            shares = [read_shard(kind, files, p, processes) for p in range(processes)]
+            assert all(shares)
+            assert [d for share in shares for d in share] == expected  # disjoint, in order, together the corpus
 
 
 def test_without_document_masking_attention_spans_the_row_like_the_original(tmp_path, sp_tokenizer):
@@ -119,10 +178,10 @@ def test_text_files_mixture_weights_and_process_sharding(tmp_path, sp_tokenizer)
     config = _mixture_config([{"kind": "text", "paths": str(tmp_path / "a.txt"), "weight": 3.0},
                               {"kind": "text", "paths": str(tmp_path / "b.txt"), "weight": 1.0}],
                              sp_tokenizer.model_file)
-    batches = [make_dataset(config, batch_size=4, seq_len=8, vocab_size=512, seed=0, process_index=p,
+    batches = [make_dataset(config, batch_size=4, seq_len=16, vocab_size=512, seed=0, process_index=p,
                             process_count=2) for p in (0, 1)]
     first = [next(iter(b)) for b in batches]
-    assert all(b["inputs"].shape == (2, 8) for b in first)  # each process reads its half of the batch
+    assert all(b["inputs"].shape == (2, 16) for b in first)  # each process reads its half of the batch
     assert not np.array_equal(first[0]["inputs"], first[1]["inputs"])
 
 
@@ -152,6 +211,19 @@ def test_bad_data_inputs(tmp_path, sp_tokenizer):
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"text": broken\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: malformed JSON"):
         make(_mixture_config([{"kind": "jsonl", "paths": str(tmp_path / "bad.jsonl")}], sp_tokenizer.model_file))
+    (tmp_path / "nofield.jsonl").write_text('{"text": "ok"}\n' * 30 + '{"body": "no text"}\n')
+    with pytest.raises(ValueError, match=r"nofield.jsonl:31: no field 'text'"):  # found by the lane reading it
+        make(_mixture_config([{"kind": "jsonl", "paths": str(tmp_path / "nofield.jsonl")}], sp_tokenizer.model_file))
+    (tmp_path / "latin1.txt").write_bytes("fine\n\ncaf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.txt:3: not UTF-8 text"):
+        make(_mixture_config([{"kind": "text", "paths": str(tmp_path / "latin1.txt")}], sp_tokenizer.model_file))
+    (tmp_path / "ok.txt").write_text("one\n\ntwo")
+    with pytest.raises(ValueError, match=r"ok.txt'.*weight must be positive, got 0.0"):
+        make(_mixture_config([{"kind": "text", "paths": str(tmp_path / "ok.txt"), "weight": 0.0}],
+                             sp_tokenizer.model_file))
+    with pytest.raises(ValueError, match=r"weight below 1/1000 of the total"):
+        make(_mixture_config([{"kind": "text", "paths": str(tmp_path / "ok.txt"), "weight": 1e-4},
+                              {"kind": "text", "paths": str(tmp_path / "ok.txt")}], sp_tokenizer.model_file))
     with pytest.raises(ValueError, match="unknown data source kind"):
         make(_mixture_config([{"kind": "csv", "paths": str(tmp_path / "bad.jsonl")}], sp_tokenizer.model_file))
     from array_record.python.array_record_module import ArrayRecordWriter
