@@ -8,19 +8,22 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+from etils import epath
 from tqdm import tqdm
 
 from recurrent_depth import flops
 from recurrent_depth.checkpoint import CHECKPOINTS_DIR, RUN_CONFIG_FILE, TrainCheckpointer
 from recurrent_depth.data import make_dataset
+from recurrent_depth.paths import as_path, is_url
 from recurrent_depth.sharding import make_mesh
 from recurrent_depth.losses import token_losses
 from recurrent_depth.training import Trainer, TrainState
+
+METRICS_FILE = "metrics.jsonl"  # in a train.py workdir
 
 
 def initialize_distributed(config: ml_collections.ConfigDict) -> None:
@@ -36,20 +39,29 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> None:
 
 
 class MetricsWriter:
-    """Appends one JSON object per logged step to <workdir>/metrics.jsonl (process 0 only)."""
+    """Appends one JSON object per logged step to <workdir>/metrics.jsonl (process 0 only).  Cloud storage cannot
+    append to an object, so there the file is rewritten whole at each record (it holds one line per log step)."""
 
-    def __init__(self, workdir: Path):
-        self.enabled = jax.process_index() == 0
-        if self.enabled:
-            self.file = open(workdir / "metrics.jsonl", "a")
+    def __init__(self, workdir: epath.Path):
+        self.enabled, self.path, self.file = jax.process_index() == 0, workdir / METRICS_FILE, None
+        if self.enabled and is_url(self.path):
+            self.text = self.path.read_text() if self.path.exists() else ""
+        elif self.enabled:
+            self.file = self.path.open("a")
 
     def write(self, record: dict) -> None:
-        if self.enabled:
-            self.file.write(json.dumps(record) + "\n")
+        if not self.enabled:
+            return
+        line = json.dumps(record) + "\n"
+        if self.file is None:
+            self.text += line
+            self.path.write_text(self.text)
+        else:
+            self.file.write(line)
             self.file.flush()
 
     def close(self) -> None:
-        if self.enabled:
+        if self.file is not None:
             self.file.close()
 
 
@@ -139,7 +151,7 @@ def _held_out(config, trainer: Trainer) -> HeldOutEval | None:
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> TrainState:
     """Trains to config.train.steps, resuming from the newest checkpoint in `workdir`; returns the final state."""
     initialize_distributed(config.distributed)
-    workdir = Path(workdir)
+    workdir = as_path(workdir)
     trainer = Trainer(config, make_mesh(config.mesh.shape))
     iterator = iter(_dataset(config, trainer, seed=config.seed))
     held_out = _held_out(config, trainer)
