@@ -20,7 +20,7 @@ from recurrent_depth.config import ModelConfig
 from recurrent_depth.hf import CONFIG_FILE as HF_CONFIG_FILE
 from recurrent_depth.hf import CheckpointError, from_huggingface
 from recurrent_depth.model import RecurrentDepthLM, init_params
-from recurrent_depth.paths import as_path
+from recurrent_depth.paths import as_path, check_bucket
 
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
@@ -39,6 +39,7 @@ def abstract_params(config: ModelConfig, shardings=None):
 def save_params(path: str | os.PathLike, config: ModelConfig, params) -> None:
     """Writes the parameters and the model config to `path` (created; an existing `params/` is an error)."""
     path = as_path(path)
+    check_bucket(path)
     path.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(path / PARAMS_DIR, nn.meta.unbox(params))
@@ -127,6 +128,7 @@ class TrainCheckpointer:
                                                keep_period=keep_every or None,
                                                enable_async_checkpointing=async_save, create=True)
         self.directory, self.every = as_path(directory), every
+        check_bucket(self.directory)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def save(self, step: int, state, iterator, force: bool = False) -> bool:

