@@ -20,7 +20,9 @@ import pytest
 from etils import epath
 
 from helpers import single_cpu_env
-from recurrent_depth.checkpoint import load_params, save_params
+from conftest import TINY
+from recurrent_depth.checkpoint import load_model, load_params, save_params
+from recurrent_depth.convert import main as convert_main
 from recurrent_depth.paths import as_path, is_url
 from recurrent_depth.tokenizer import BOS, EOS, PAD, load_tokenizer, train_sentencepiece
 
@@ -75,6 +77,10 @@ def test_gs_paths_keep_the_url_and_parameters_round_trip(bucket, tiny):
     loaded_model, loaded = load_params("gs://bkt/params")
     assert loaded_model.config == model.config
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert convert_main(["to-params", str(TINY / "checkpoint"), "gs://bkt/converted"]) == 0  # HF -> the bucket
+    _, converted = load_model("gs://bkt/converted")
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(converted), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(FileNotFoundError, match="no model_config.json in gs://bkt/nothing"):
         load_params("gs://bkt/nothing")
