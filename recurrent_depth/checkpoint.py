@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -22,6 +21,7 @@ from recurrent_depth.config import ModelConfig
 from recurrent_depth.hf import CONFIG_FILE as HF_CONFIG_FILE
 from recurrent_depth.hf import CheckpointError, from_huggingface
 from recurrent_depth.model import RecurrentDepthLM, init_params
+from recurrent_depth.paths import as_path, check_bucket
 
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
@@ -39,7 +39,8 @@ def abstract_params(config: ModelConfig, shardings=None):
 
 def save_params(path: str | os.PathLike, config: ModelConfig, params) -> None:
     """Writes the parameters and the model config to `path` (created; an existing `params/` is an error)."""
-    path = Path(path).absolute()
+    path = as_path(path)
+    check_bucket(path)
     path.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(path / PARAMS_DIR, nn.meta.unbox(params))
@@ -48,7 +49,7 @@ def save_params(path: str | os.PathLike, config: ModelConfig, params) -> None:
 
 
 def load_config(path: str | os.PathLike) -> ModelConfig:
-    path = Path(path)
+    path = as_path(path)
     if not (path / CONFIG_FILE).exists():
         raise FileNotFoundError(f"no {CONFIG_FILE} in {path} (not a parameter checkpoint of recurrent_depth)")
     return ModelConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
@@ -56,7 +57,7 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
 
 def load_params(path: str | os.PathLike, shardings=None) -> tuple[RecurrentDepthLM, dict]:
     """Reads a checkpoint written by `save_params`.  Returns (model, params); shapes are checked against the config."""
-    path = Path(path).absolute()
+    path = as_path(path)
     config = load_config(path)
     if not (path / PARAMS_DIR).is_dir():
         raise FileNotFoundError(f"no {PARAMS_DIR}/ directory in {path}")
@@ -76,7 +77,7 @@ def load_workdir_params(workdir: str | os.PathLike) -> tuple[RecurrentDepthLM, d
     from recurrent_depth.sharding import make_mesh
     from recurrent_depth.training import Trainer
 
-    workdir = Path(workdir)
+    workdir = as_path(workdir)
     config = ml_collections.ConfigDict(json.loads((workdir / RUN_CONFIG_FILE).read_text()))
     config.mesh.shape = (1, 1, 1)
     trainer = Trainer(config, make_mesh((1, 1, 1), jax.devices()[:1]))
@@ -93,7 +94,7 @@ def load_workdir_params(workdir: str | os.PathLike) -> tuple[RecurrentDepthLM, d
 def load_model(path: str | os.PathLike, dtype: str | None = None) -> tuple[RecurrentDepthLM, dict]:
     """Loads a Hugging Face checkpoint directory (config.json), a parameter checkpoint (model_config.json) or the
     newest checkpoint of a train.py workdir (config.json + checkpoints/)."""
-    path = Path(path)
+    path = as_path(path)
     if (path / RUN_CONFIG_FILE).exists() and (path / CHECKPOINTS_DIR).is_dir():
         model, params = load_workdir_params(path)
     elif (path / HF_CONFIG_FILE).exists():
@@ -129,7 +130,8 @@ class TrainCheckpointer:
         options = ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=keep,
                                                keep_period=keep_every or None,
                                                enable_async_checkpointing=async_save, create=True)
-        self.directory, self.every = Path(directory).absolute(), every
+        self.directory, self.every = as_path(directory), every
+        check_bucket(self.directory)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def save(self, step: int, state, iterator, force: bool = False) -> bool:

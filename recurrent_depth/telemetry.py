@@ -20,15 +20,11 @@ from etils import epath
 from tensorboardX import SummaryWriter, record_writer
 
 from recurrent_depth.config import ConfigError
+from recurrent_depth.paths import is_url
 
 TENSORBOARD_DIR = "tensorboard"  # in a train.py workdir
 PROFILE_DIR = "profile"
 REMOTE_SCHEMES = ("gs", "s3")
-
-
-def is_remote(path: str | os.PathLike) -> bool:
-    """Whether `path` is an object-store URL (gs://...) rather than a local path."""
-    return "://" in os.fspath(path)
 
 
 class ObjectAppender:
@@ -59,7 +55,7 @@ class ObjectAppender:
 def open_append(path: str | os.PathLike) -> BinaryIO | ObjectAppender:
     """`path` opened for appending bytes, locally or in an object store; its parent folder is created."""
     path = epath.Path(path)
-    if is_remote(path):
+    if is_url(path):
         return ObjectAppender(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return open(path, "ab")
@@ -130,7 +126,7 @@ class StepProfiler:
     def before_step(self, step: int) -> None:
         """Starts the trace before the window's first step (or the first step of a run resumed inside it)."""
         if self.window and self.trace_dir is None and self.window[0] <= step < self.window[1]:
-            self.trace_dir = tempfile.mkdtemp(prefix="profile-") if is_remote(self.logdir) else os.fspath(self.logdir)
+            self.trace_dir = tempfile.mkdtemp(prefix="profile-") if is_url(self.logdir) else os.fspath(self.logdir)
             jax.profiler.start_trace(self.trace_dir)
 
     def after_step(self, step: int, state) -> None:
@@ -145,7 +141,7 @@ class StepProfiler:
         jax.block_until_ready(state)
         jax.profiler.stop_trace()
         local, self.trace_dir = pathlib.Path(self.trace_dir), None  # a local folder
-        if is_remote(self.logdir):
+        if is_url(self.logdir):
             for file in local.rglob("*"):
                 if file.is_file():
                     (self.logdir / file.relative_to(local)).write_bytes(file.read_bytes())

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import functools
+import io
 import os
 import sys
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Protocol
+
+from recurrent_depth.paths import as_path
 
 BOS, EOS, PAD = "<|begin_text|>", "<|end_text|>", "<|pad|>"  # the released model's names
 HUGINN_SPECIALS = {"bos": BOS, "eos": EOS, "pad": PAD, "end_turn": "<|end_turn|>",
@@ -32,11 +34,12 @@ class Tokenizer(Protocol):
 
 
 class SentencePieceTokenizer:
-    """A SentencePiece model; the processor is built lazily so the object pickles (grain workers)."""
+    """A SentencePiece model (local or gs://); the processor is built lazily so the object pickles (grain
+    workers)."""
 
     def __init__(self, model_file: str | os.PathLike):
         self.model_file = str(model_file)
-        if not Path(self.model_file).exists():
+        if not as_path(self.model_file).exists():
             raise FileNotFoundError(f"SentencePiece model {self.model_file} does not exist")
         sp = self._processor
         self.bos_id, self.eos_id, self.pad_id = sp.bos_id(), sp.eos_id(), sp.pad_id()
@@ -46,7 +49,7 @@ class SentencePieceTokenizer:
     def _processor(self):
         import sentencepiece as spm
 
-        return spm.SentencePieceProcessor(model_file=self.model_file)
+        return spm.SentencePieceProcessor(model_proto=as_path(self.model_file).read_bytes())
 
     def __getstate__(self):
         return {k: v for k, v in self.__dict__.items() if k != "_processor"}
@@ -64,11 +67,11 @@ class HuggingFaceTokenizer:
     def __init__(self, path: str | os.PathLike, bos: str = BOS, eos: str = EOS, pad: str = PAD):
         from tokenizers import Tokenizer as _Tokenizer
 
-        path = Path(path)
+        path = as_path(path)
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.exists():
             raise FileNotFoundError(f"tokenizer file {file} does not exist")
-        self._tokenizer = _Tokenizer.from_file(str(file))
+        self._tokenizer = _Tokenizer.from_str(file.read_text(encoding="utf-8"))
         ids = {name: self._tokenizer.token_to_id(token) for name, token in (("bos", bos), ("eos", eos), ("pad", pad))}
         missing = [name for name, value in ids.items() if value is None]
         if missing:
@@ -118,21 +121,31 @@ def apply_chat_template(messages: Iterable[dict], add_generation_prompt: bool = 
 def train_sentencepiece(inputs: Sequence[str | os.PathLike], model_prefix: str | os.PathLike, vocab_size: int,
                         model_type: str = "bpe", character_coverage: float = 1.0) -> SentencePieceTokenizer:
     """Trains a SentencePiece model whose decode(encode(x)) == x exactly: identity normalisation, whitespace kept,
-    byte fallback; ids 0-3 are PAD, UNK, BOS, EOS."""
+    byte fallback; ids 0-3 are PAD, UNK, BOS, EOS.  Reads the text and writes `<model_prefix>.model` through
+    epath, so either may be in cloud storage."""
     import sentencepiece as spm
 
-    missing = [str(p) for p in inputs if not Path(p).exists()]
+    files = [as_path(p) for p in inputs]
+    missing = [str(p) for p in files if not p.exists()]
     if missing:
         raise FileNotFoundError(f"training text file(s) do not exist: {missing}")
-    if not any(Path(p).stat().st_size for p in inputs):
+    if not any(p.stat().length for p in files):
         raise ValueError("the training text is empty")
+
+    def lines():  # one sentence per line, as SentencePiece reads a file
+        for file in files:
+            with file.open(encoding="utf-8") as f:
+                yield from (line.rstrip("\n") for line in f)
+
+    model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        input=",".join(map(str, inputs)), model_prefix=str(model_prefix), vocab_size=vocab_size,
+        sentence_iterator=lines(), model_writer=model, vocab_size=vocab_size,
         model_type=model_type, character_coverage=character_coverage,
         normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
         byte_fallback=True, allow_whitespace_only_pieces=True,
         pad_id=0, unk_id=1, bos_id=2, eos_id=3, pad_piece=PAD, bos_piece=BOS, eos_piece=EOS,
         hard_vocab_limit=False, minloglevel=2)
+    as_path(f"{model_prefix}.model").write_bytes(model.getvalue())
     return SentencePieceTokenizer(f"{model_prefix}.model")
 
 

@@ -8,24 +8,24 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
-from etils import epath
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from recurrent_depth import flops, telemetry
 from recurrent_depth.checkpoint import CHECKPOINTS_DIR, RUN_CONFIG_FILE, TrainCheckpointer
 from recurrent_depth.data import make_dataset
+from recurrent_depth.paths import as_path
 from recurrent_depth.sharding import make_mesh
 from recurrent_depth.losses import token_losses
 from recurrent_depth.training import Trainer, TrainState
 
 PREFETCH_BATCHES = 2  # batches the host prepares ahead of the device
+METRICS_FILE = "metrics.jsonl"  # in a train.py workdir
 
 
 def initialize_distributed(config: ml_collections.ConfigDict) -> None:
@@ -47,8 +47,8 @@ class MetricsWriter:
     def __init__(self, workdir: str | os.PathLike, start_step: int = 0):
         self.enabled = jax.process_index() == 0
         if self.enabled:
-            workdir = epath.Path(workdir)
-            self.file = telemetry.open_append(workdir / "metrics.jsonl")
+            workdir = as_path(workdir)
+            self.file = telemetry.open_append(workdir / METRICS_FILE)
             self.tensorboard = telemetry.TensorBoardWriter(workdir / telemetry.TENSORBOARD_DIR,
                                                            purge_step=start_step + 1 if start_step else None)
 
@@ -174,8 +174,8 @@ def _held_out(config, trainer: Trainer) -> HeldOutEval | None:
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> TrainState:
     """Trains to config.train.steps, resuming from the newest checkpoint in `workdir`; returns the final state."""
     initialize_distributed(config.distributed)
-    workdir = Path(workdir)
-    profiler = telemetry.StepProfiler(config.train.profile_steps, epath.Path(workdir) / telemetry.PROFILE_DIR)
+    workdir = as_path(workdir)
+    profiler = telemetry.StepProfiler(config.train.profile_steps, workdir / telemetry.PROFILE_DIR)
     trainer = Trainer(config, make_mesh(config.mesh.shape))
     iterator = iter(_dataset(config, trainer, seed=config.seed))
     held_out = _held_out(config, trainer)

@@ -9,7 +9,6 @@ import pytest
 
 from helpers import small_config
 from recurrent_depth import flops
-from recurrent_depth.config import ModelConfig
 from recurrent_depth.sharding import make_mesh
 from recurrent_depth.training import Trainer
 

@@ -10,17 +10,19 @@ import dataclasses
 import os
 import re
 from collections.abc import Callable
-from pathlib import Path
+
+from etils import epath
 
 from recurrent_depth.data import jsonl_records
+from recurrent_depth.paths import as_path
 
 
 class TaskFileError(ValueError):
     """A task file that cannot be used; the message names the file and, where it applies, the line."""
 
 
-def check_file(path: str | os.PathLike) -> Path:
-    path = Path(path)
+def check_file(path: str | os.PathLike) -> epath.Path:
+    path = as_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"task file {path} does not exist" if not path.exists() else
                                 f"task file {path} is not a file")

@@ -7,8 +7,12 @@ its mean iterations used, so it reads as accuracy against compute.
 from __future__ import annotations
 
 import json
+import os
 import re
-from pathlib import Path
+
+from etils import epath
+
+from recurrent_depth.paths import as_path
 
 RESULTS_FILE = "results.json"
 NOT_PLOTTED = ("mean_steps", "seconds")
@@ -49,7 +53,7 @@ def _draw(ax, entries: list[dict], task: str, metric: str, prefix: str = "") -> 
                     color=None if line is None else line.get_color(), label=f"{prefix}adaptive: {e['setting']}")
 
 
-def plot(entries: list[dict], directory: Path) -> list[Path]:
+def plot(entries: list[dict], directory: str | os.PathLike) -> list[epath.Path]:
     """One PNG per (task, metric) under `directory`, plus one per metric that several tasks share (all of them
     in one figure); returns the paths."""
     import matplotlib
@@ -57,6 +61,7 @@ def plot(entries: list[dict], directory: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    directory = as_path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tasks = list(dict.fromkeys(t for e in entries for t in e["tasks"]))
     metrics = {t: [m for m in dict.fromkeys(m for e in entries for m in e["tasks"].get(t, {})) if m not in NOT_PLOTTED]
@@ -80,16 +85,17 @@ def plot(entries: list[dict], directory: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
         fig.tight_layout()
-        fig.savefig(directory / name, dpi=110)
+        with (directory / name).open("wb") as f:  # through epath: also to gs://
+            fig.savefig(f, format="png", dpi=110)
         plt.close(fig)
         paths.append(directory / name)
     return paths
 
 
-def write(output: str | Path, header: dict, entries: list[dict], samples: dict[tuple[str, str], list[dict]]
+def write(output: str | os.PathLike, header: dict, entries: list[dict], samples: dict[tuple[str, str], list[dict]]
           ) -> dict:
     """Writes results.json, samples/<task>/<setting>.jsonl and plots/*.png under `output`; returns results."""
-    output = Path(output)
+    output = as_path(output)
     output.mkdir(parents=True, exist_ok=True)
     for (task, setting), rows in samples.items():
         path = output / "samples" / _slug(task) / f"{_slug(setting)}.jsonl"

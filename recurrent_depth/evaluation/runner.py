@@ -8,10 +8,10 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import jax
 import ml_collections
+from etils import epath
 from tqdm import tqdm
 
 from recurrent_depth import sharding
@@ -20,6 +20,7 @@ from recurrent_depth.config import ConfigError, ModelConfig, load_config_file
 from recurrent_depth.evaluation import report
 from recurrent_depth.evaluation.engine import Depth, EvalModel
 from recurrent_depth.evaluation.tasks import Task, parse_tasks
+from recurrent_depth.paths import as_path
 from recurrent_depth.tokenizer import Tokenizer, load_tokenizer
 
 DEFAULT_NUM_STEPS = (1, 4, 8, 16, 32)
@@ -55,7 +56,7 @@ def parse_mesh(text: str | Sequence[int]) -> tuple[int, ...]:
     return sharding.resolve_mesh_shape(shape, jax.device_count())
 
 
-def _run_config(checkpoint: Path, config_file: str | None) -> ml_collections.ConfigDict | None:
+def _run_config(checkpoint: epath.Path, config_file: str | None) -> ml_collections.ConfigDict | None:
     """The --config file's config, else a train.py workdir's own run config, else None."""
     if config_file:
         return load_config_file(config_file)
@@ -68,7 +69,7 @@ def find_tokenizer(checkpoint: str | os.PathLike, path: str | None = None,
                    run_config: ml_collections.ConfigDict | None = None) -> Tokenizer:
     """`path` (a SentencePiece .model, a tokenizer.json or its directory), else the checkpoint's tokenizer.json,
     else the run config's data.tokenizer."""
-    checkpoint = Path(checkpoint)
+    checkpoint = as_path(checkpoint)
     if path:
         return load_tokenizer("sentencepiece" if str(path).endswith(".model") else "huggingface", path)
     if (checkpoint / "tokenizer.json").exists():
@@ -85,7 +86,7 @@ def load_eval_model(checkpoint: str | os.PathLike, *, tokenizer: str | None = No
                     init_scale: float = 0.0, seed: int = 0, progress: bool = True) -> EvalModel:
     """A checkpoint (HF directory, parameter checkpoint or train.py workdir) with its tokenizer, sharded over a
     (data, fsdp, tensor) mesh of all devices; checked against `config` (a config file) if given."""
-    checkpoint = Path(checkpoint)
+    checkpoint = as_path(checkpoint)
     run_config = _run_config(checkpoint, config)
     text = find_tokenizer(checkpoint, tokenizer, run_config)  # before the (slow) model load
     mesh = sharding.make_mesh(parse_mesh(mesh if mesh is not None else DEFAULT_MESH))
@@ -149,10 +150,10 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, tasks: Sequence[str | Tas
     turns adaptive exit off).
     Returns the results.
     """
-    if not Path(checkpoint).exists():
+    if not as_path(checkpoint).exists():
         raise FileNotFoundError(f"checkpoint {checkpoint} does not exist (a train.py workdir, a parameter "
                                 f"checkpoint or a Hugging Face directory)")
-    run_config = _run_config(Path(checkpoint), config)
+    run_config = _run_config(as_path(checkpoint), config)
     defaults = run_config.get("eval") if run_config is not None else None
     defaults = defaults if defaults is not None else ml_collections.ConfigDict()
     if not tasks:
@@ -181,5 +182,5 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, tasks: Sequence[str | Tas
         print(report.table(entries))
         if output is not None:
             results = report.write(output, header, entries, samples)
-            print(f"wrote {Path(output) / report.RESULTS_FILE}")
+            print(f"wrote {as_path(output) / report.RESULTS_FILE}")
     return results

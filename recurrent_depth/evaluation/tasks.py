@@ -10,10 +10,10 @@ from __future__ import annotations
 import abc
 import dataclasses
 import math
-from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
+from etils import epath
 
 from recurrent_depth import shell_game
 from recurrent_depth.evaluation import answers, records
@@ -314,7 +314,7 @@ def parse_task(spec: str, defaults: dict | None = None) -> Task:
         raise ValueError(f"task {spec!r}: expected KIND:TARGET[:KEY=VALUE...] with KIND one of {sorted(KINDS)}")
     cls = KINDS[kind]
     target, *options = rest.split(":")
-    name = f"{kind}:{target if cls in (ReasoningGymTask, ShellGameTask) else Path(target).stem}"
+    name = f"{kind}:{target if cls in (ReasoningGymTask, ShellGameTask) else epath.Path(target).stem}"
     kwargs = {k: v for k, v in (defaults or {}).items() if k in cls.OPTIONS and v is not None}
     for option in options:
         key, eq, text = option.partition("=")
