@@ -195,6 +195,7 @@ def base_config() -> ml_collections.ConfigDict:
     train.z_loss = 0.0
     train.skip_nonfinite = True  # False: stop at the first non-finite gradient
     train.peak_flops = 0.0  # per device, for MFU; 0 measures a large matmul on this machine
+    train.init_from = ""  # start from these parameters (HF checkpoint, parameter checkpoint or workdir), not init
     train.depth = ml_collections.ConfigDict(
         {"kind": "poisson-lognormal", "sigma": 0.5, "n": ml_collections.config_dict.placeholder(int),
          "k": ml_collections.config_dict.placeholder(int)})

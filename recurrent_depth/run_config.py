@@ -134,6 +134,8 @@ def _train(config, model: ModelConfig, mesh: tuple[int, ...] | None, process_cou
     _number(config, "train.z_loss")
     _bool(config, "train.skip_nonfinite")
     _number(config, "train.peak_flops")
+    if not isinstance(config.train.get("init_from", ""), str):
+        raise ConfigError(f"train.init_from must be a checkpoint path or '', got {config.train.init_from!r}")
     if seq_len > model.max_seq_len:
         raise ConfigError(f"train.seq_len ({seq_len}) exceeds model.max_seq_len ({model.max_seq_len})")
     if batch % process_count:

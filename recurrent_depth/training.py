@@ -95,10 +95,28 @@ class Trainer:
         return TrainState(step=sharding.replicated(self.mesh), params=param_shardings, opt_state=opt_shardings)
 
     def init_state(self, rng: jax.Array | None = None) -> TrainState:
-        """Freshly initialised, sharded parameters and optimizer state (seeded by config.seed by default)."""
+        """Sharded parameters and a fresh optimizer state: from `train.init_from` (a Hugging Face checkpoint,
+        parameter checkpoint or workdir, each tensor read straight into its shard) if set and no `rng` is given,
+        else freshly initialised (seeded by config.seed by default)."""
+        source = self.config.train.get("init_from")
+        if source and rng is None:
+            return self._load_state(source)
         rng = jax.random.key(self.config.seed) if rng is None else rng
         with self.context():
             return jax.jit(self._init_fn, out_shardings=self.state_shardings)(rng)
+
+    def _load_state(self, source: str) -> TrainState:
+        from recurrent_depth.checkpoint import load_model
+        from recurrent_depth.evaluation.runner import check_config
+
+        model, params = load_model(source, dtype=self.model_config.param_dtype, shardings=self.state_shardings.params)
+        check_config(model.config, self.model_config, "this run's model config")
+
+        def init(params):
+            return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
+
+        with self.context():
+            return jax.jit(init, out_shardings=self.state_shardings)(params)
 
     def _init_fn(self, key) -> TrainState:
         params = nn.meta.unbox(init_params(self.model, key))

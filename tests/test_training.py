@@ -11,10 +11,11 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
+from conftest import TINY
 from helpers import assert_close, load_config, small_config
 from recurrent_depth import RecurrentDepthLM, flops, init_params
 from recurrent_depth.checkpoint import CHECKPOINTS_DIR, TrainCheckpointer
-from recurrent_depth.config import ModelConfig
+from recurrent_depth.config import ConfigError, ModelConfig
 from recurrent_depth.sharding import make_mesh, resolve_mesh_shape
 from recurrent_depth.synthetic import progression_batches
 from recurrent_depth.train_loop import train
@@ -223,3 +224,24 @@ def test_training_loop_stops_at_a_nonfinite_gradient_and_keeps_the_state_before_
     checkpointer.close()
     assert sorted(saved) == [2, 4] and int(saved[4].step) == 2
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(saved[4].params), jax.device_get(saved[2].params))
+
+
+def test_training_starts_from_a_hugging_face_checkpoint_read_into_its_shards(tiny):
+    """train.init_from: the parameters are the checkpoint's, each device holding its ~1/8 share."""
+    config = load_config("tiny")  # the huginn-tiny fixture's shape
+    config.train.init_from = str(TINY / "checkpoint")
+    trainer = Trainer(config, make_mesh((1, 8, 1)))
+    state = trainer.init_state()
+    assert int(state.step) == 0
+    for a, b, sharding in zip(jax.tree.leaves(state.params), jax.tree.leaves(tiny[1]),
+                              jax.tree.leaves(trainer.state_shardings.params)):
+        assert a.sharding == sharding
+        np.testing.assert_array_equal(jax.device_get(a), jax.device_get(b))
+    per_device = {}
+    for leaf in jax.tree.leaves(state.params):
+        for shard in leaf.addressable_shards:
+            per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
+    assert max(per_device.values()) < 1.1 * sum(x.nbytes for x in jax.tree.leaves(tiny[1])) / 8
+    config.model.intermediate_size = 128
+    with pytest.raises(ConfigError, match="intermediate_size: checkpoint 96 != config 128"):
+        Trainer(config, make_mesh((1, 8, 1))).init_state()
