@@ -95,7 +95,7 @@ def load_workdir_params(workdir: str | os.PathLike, shardings=None) -> tuple[Rec
     config = ModelConfig.from_dict(run_config["model"])
     target = {"params": abstract_params(config, shardings)}
     if shardings is None:  # Orbax would otherwise restore onto the devices that saved
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), target)
     args = ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))

@@ -346,7 +346,7 @@ def from_huggingface(path: str | os.PathLike, dtype="float32", shardings=None) -
     if callable(shardings):
         shardings = shardings(config)
     if shardings is None:
-        flat_shardings = dict.fromkeys(shapes, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+        flat_shardings = dict.fromkeys(shapes, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
     else:
         flat_shardings = traverse_util.flatten_dict(shardings)
         if set(flat_shardings) != set(shapes):
