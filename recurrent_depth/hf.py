@@ -230,11 +230,16 @@ class SafetensorsFile:
         header.pop("__metadata__", None)
         self.data_start = 8 + length
         self.tensors = {}  # name -> (dtype, shape, byte offset from data_start)
+        self._mmap = np.memmap(os.fspath(path), np.uint8, mode="r") if _is_local(path) else None
+        data_bytes = None if self._mmap is None else len(self._mmap) - self.data_start
         for name, info in header.items():
             if info.get("dtype") not in _ST_DTYPES:
                 raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')!r}")
-            self.tensors[name] = (np.dtype(_ST_DTYPES[info["dtype"]]), tuple(info["shape"]), info["data_offsets"][0])
-        self._mmap = np.memmap(os.fspath(path), np.uint8, mode="r") if _is_local(path) else None
+            dtype, shape, (start, end) = np.dtype(_ST_DTYPES[info["dtype"]]), tuple(info["shape"]), info["data_offsets"]
+            if end - start != math.prod(shape) * dtype.itemsize or (data_bytes is not None and end > data_bytes):
+                raise CheckpointError(f"{path}: tensor {name} has data offsets {[start, end]} that do not fit its "
+                                      f"shape {list(shape)} and dtype {info['dtype']} or the file (truncated?)")
+            self.tensors[name] = (dtype, shape, start)
 
     def rows(self, name: str, rows: np.ndarray, cols: np.ndarray | slice, dtype) -> np.ndarray:
         """stored[rows][:, cols] as `dtype`, the stored tensor viewed as [shape[0], rest] ([1, n] if 1-D).

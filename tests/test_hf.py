@@ -221,3 +221,11 @@ def test_sharded_load_of_parameter_checkpoints_and_workdirs(tiny, tmp_path):
     _assert_trees_equal(jax.device_get(loaded), jax.device_get(state.params))
     _, unsharded = load_model(workdir)  # one device
     assert {d for x in jax.tree.leaves(unsharded) for d in x.devices()} == {jax.devices()[0]}
+
+
+def test_truncated_safetensors_file_is_a_clear_error(tmp_path):
+    dst = _copy_checkpoint(tmp_path)
+    data = (dst / "model.safetensors").read_bytes()
+    (dst / "model.safetensors").write_bytes(data[:len(data) - 1000])
+    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor .* has data offsets .* \(truncated\?\)"):
+        from_huggingface(dst)
