@@ -99,7 +99,7 @@ def load_workdir_params(workdir: str | os.PathLike, shardings=None) -> tuple[Rec
         target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), target)
     args = ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
-    options = ocp.CheckpointManagerOptions(read_only=True)
+    options = ocp.CheckpointManagerOptions(create=False)  # reads only; read_only=True warns on every load
     errors = []
     with ocp.CheckpointManager(workdir / CHECKPOINTS_DIR, item_names=("state",), options=options) as manager:
         for step in sorted(manager.all_steps(), reverse=True):

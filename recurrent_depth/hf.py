@@ -403,6 +403,9 @@ def _atomic_write(target: epath.Path, write) -> None:
     try:
         write(tmp)
         if local:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the export from other users
             os.replace(tmp, os.fspath(target))
         else:
             with open(tmp, "rb") as src, target.open("wb") as dst:
