@@ -321,6 +321,8 @@ def _load_array(file: SafetensorsFile, name: str, entry: _Entry, shape, dtype, s
         rows, cols, finish = read(index)
         return finish(file.rows(name, rows, cols, dtype))
 
+    if sharding is None:  # uncommitted on the default device, free to join any mesh later (as jnp.asarray is)
+        return jnp.asarray(shard((slice(None),) * len(shape)))
     return jax.make_array_from_callback(shape, sharding, shard)
 
 
@@ -337,10 +339,10 @@ def from_huggingface(path: str | os.PathLike, dtype="float32", shardings=None) -
     """Loads a huginn-0125-format checkpoint directory (local or gs://).  Returns (model, params) in `dtype`.
 
     `shardings`: a tree of jax Shardings like the parameters, or a function ModelConfig -> such a tree (e.g.
-    `recurrent_depth.checkpoint.param_shardings(mesh)`); None puts everything on the first device.  Each device's
-    shard is read straight from the safetensors file (only the rows it covers, converted to `dtype`), so no
-    device, and no host beyond one chunk of one tensor, ever holds the whole model.  The head is tied to the
-    embedding whether or not `lm_head.weight` is stored; the stored `freqs_cis` table is ignored.
+    `recurrent_depth.checkpoint.param_shardings(mesh)`); None gives uncommitted arrays on the default device.
+    Each device's shard is read straight from the safetensors file (only the rows it covers, converted to
+    `dtype`), so no device, and no host beyond one chunk of one tensor, ever holds the whole model.  The head is
+    tied to the embedding whether or not `lm_head.weight` is stored; the stored `freqs_cis` table is ignored.
     """
     dtype = jnp.dtype(dtype).name
     if dtype not in DTYPES:
@@ -351,7 +353,7 @@ def from_huggingface(path: str | os.PathLike, dtype="float32", shardings=None) -
     if callable(shardings):
         shardings = shardings(config)
     if shardings is None:
-        flat_shardings = dict.fromkeys(shapes, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+        flat_shardings = dict.fromkeys(shapes)
     else:
         flat_shardings = traverse_util.flatten_dict(shardings)
         if set(flat_shardings) != set(shapes):

@@ -517,7 +517,8 @@ def test_lm_eval_adapter_simple_evaluate(hf_checkpoint, files, tmp_path, monkeyp
                 for row in np.asarray(direct.tokens).tolist()]
     harness = sorted(out["samples"]["tiny_gen"], key=lambda sample: sample["doc_id"])
     assert [sample["resps"][0][0] for sample in harness] == expected
-    assert results["tiny_gen"]["exact_match,none"] == np.mean([e == row["answer"] for e, row in zip(expected, GEN_ROWS)])
+    matches = [text == row["answer"] for text, row in zip(expected, GEN_ROWS)]
+    assert results["tiny_gen"]["exact_match,none"] == np.mean(matches)
     assert model.mean_steps and all(s == 2 for s in model.mean_steps)
     chat = model.apply_chat_template([{"role": "user", "content": "Hi"}])
     assert chat.startswith(BOS) and chat.endswith("<|begin_header|>Huginn<|end_header|>\n\n")
