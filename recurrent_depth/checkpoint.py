@@ -29,9 +29,25 @@ RUN_CONFIG_FILE = "config.json"  # in a train.py workdir, beside CHECKPOINTS_DIR
 CHECKPOINTS_DIR = "checkpoints"
 
 
+def param_shardings(mesh, rules=None):
+    """A function ModelConfig -> the parameters' NamedShardings on `mesh` under the logical `rules` (default
+    sharding.DEFAULT_RULES): what the loaders below take as `shardings`."""
+    from recurrent_depth import sharding
+
+    rules = sharding.DEFAULT_RULES if rules is None else rules
+
+    def shardings(config: ModelConfig):
+        boxed = jax.eval_shape(lambda: init_params(RecurrentDepthLM(config), jax.random.key(0)))
+        return sharding.logical_shardings(boxed, mesh, rules)
+
+    return shardings
+
+
 def abstract_params(config: ModelConfig, shardings=None):
-    """ShapeDtypeStructs of the parameter tree (optionally with shardings), a restore target."""
+    """ShapeDtypeStructs of the parameter tree (optionally with shardings: a tree or a function of the config),
+    a restore target."""
     shapes = nn.meta.unbox(jax.eval_shape(lambda: init_params(RecurrentDepthLM(config), jax.random.key(0))))
+    shardings = shardings(config) if callable(shardings) else shardings
     if shardings is None:
         return shapes
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
@@ -56,7 +72,9 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
 
 
 def load_params(path: str | os.PathLike, shardings=None) -> tuple[RecurrentDepthLM, dict]:
-    """Reads a checkpoint written by `save_params`.  Returns (model, params); shapes are checked against the config."""
+    """Reads a checkpoint written by `save_params`, each array straight into its sharding (`shardings`: a tree
+    or a function of the config, see `param_shardings`; None: one device).  Returns (model, params); shapes are
+    checked against the config."""
     path = as_path(path)
     config = load_config(path)
     if not (path / PARAMS_DIR).is_dir():
@@ -70,41 +88,48 @@ def load_params(path: str | os.PathLike, shardings=None) -> tuple[RecurrentDepth
     return RecurrentDepthLM(config), params
 
 
-def load_workdir_params(workdir: str | os.PathLike) -> tuple[RecurrentDepthLM, dict]:
-    """The parameters of the newest checkpoint of a train.py workdir, restored onto one device."""
-    import ml_collections
-
-    from recurrent_depth.sharding import make_mesh
-    from recurrent_depth.training import Trainer
-
+def load_workdir_params(workdir: str | os.PathLike, shardings=None) -> tuple[RecurrentDepthLM, dict]:
+    """The parameters of the newest readable checkpoint of a train.py workdir, restored alone (not the optimizer
+    state) straight into `shardings` (a tree or a function of the config; None: one device)."""
     workdir = as_path(workdir)
-    config = ml_collections.ConfigDict(json.loads((workdir / RUN_CONFIG_FILE).read_text()))
-    config.mesh.shape = (1, 1, 1)
-    trainer = Trainer(config, make_mesh((1, 1, 1), jax.devices()[:1]))
-    checkpointer = TrainCheckpointer(workdir / CHECKPOINTS_DIR, every=1, keep=1 << 30, async_save=False)
-    try:
-        state = checkpointer.restore_latest(trainer.abstract_state())
-    finally:
-        checkpointer.close()
-    if state is None:
-        raise FileNotFoundError(f"no checkpoint in {workdir / CHECKPOINTS_DIR}")
-    return trainer.model, state.params
+    run_config = json.loads((workdir / RUN_CONFIG_FILE).read_text())
+    config = ModelConfig.from_dict(run_config["model"])
+    target = {"params": abstract_params(config, shardings)}
+    if shardings is None:  # Orbax would otherwise restore onto the devices that saved
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), target)
+    args = ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+    options = ocp.CheckpointManagerOptions(create=False)  # reads only; read_only=True warns on every load
+    errors = []
+    with ocp.CheckpointManager(workdir / CHECKPOINTS_DIR, item_names=("state",), options=options) as manager:
+        for step in sorted(manager.all_steps(), reverse=True):
+            try:
+                return RecurrentDepthLM(config), manager.restore(step, args=args).state["params"]
+            except Exception as err:  # noqa: BLE001 - an unreadable checkpoint falls back to the previous one
+                warnings.warn(f"checkpoint {workdir / CHECKPOINTS_DIR / str(step)} is unreadable "
+                              f"({type(err).__name__}: {str(err)[:300]}); trying the previous one")
+                errors.append(f"step {step}: {str(err)[:500]}")
+    if errors:
+        raise CheckpointError(f"no checkpoint in {workdir / CHECKPOINTS_DIR} could be restored:\n" + "\n".join(errors))
+    raise FileNotFoundError(f"no checkpoint in {workdir / CHECKPOINTS_DIR}")
 
 
-def load_model(path: str | os.PathLike, dtype: str | None = None) -> tuple[RecurrentDepthLM, dict]:
+def load_model(path: str | os.PathLike, dtype: str | None = None, shardings=None) -> tuple[RecurrentDepthLM, dict]:
     """Loads a Hugging Face checkpoint directory (config.json), a parameter checkpoint (model_config.json) or the
-    newest checkpoint of a train.py workdir (config.json + checkpoints/)."""
+    newest checkpoint of a train.py workdir (config.json + checkpoints/), local or gs://, each array straight
+    into `shardings` (a tree of shardings or a function of the config such as `param_shardings(mesh)`)."""
     path = as_path(path)
     if (path / RUN_CONFIG_FILE).exists() and (path / CHECKPOINTS_DIR).is_dir():
-        model, params = load_workdir_params(path)
+        model, params = load_workdir_params(path, shardings)
     elif (path / HF_CONFIG_FILE).exists():
-        return from_huggingface(path, dtype=dtype or "float32")
+        return from_huggingface(path, dtype=dtype or "float32", shardings=shardings)
     elif (path / CONFIG_FILE).exists():
-        model, params = load_params(path)
+        model, params = load_params(path, shardings)
     else:
         model = None
     if model is not None:
-        if dtype is not None:
+        if dtype is not None:  # a cast keeps each array's sharding
             params = jax.tree.map(lambda x: x.astype(dtype), params)
             model = RecurrentDepthLM(model.config.replace(dtype=dtype, param_dtype=dtype))
         return model, params

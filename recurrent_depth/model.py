@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 
 from recurrent_depth.config import ModelConfig
 from recurrent_depth.attention import attention_mask
@@ -250,7 +251,7 @@ class RecurrentDepthLM(nn.Module):
         batch, seq_len = input_ids.shape
         if seq_len > cfg.max_seq_len:
             raise ValueError(f"sequence length {seq_len} exceeds the model's context (max_seq_len={cfg.max_seq_len})")
-        check_token_ids(input_ids, cfg.vocab_size)
+        input_ids = check_token_ids(input_ids, cfg.vocab_size)
         num_steps = cfg.mean_recurrence if num_steps is None else num_steps
         init_scale = cfg.init_scale if init_scale is None else init_scale
         if positions is None:
@@ -272,16 +273,23 @@ class RecurrentDepthLM(nn.Module):
         return ModelOutput(logits=logits, latents=latents, trajectory=trajectory)
 
 
-def check_token_ids(input_ids, vocab_size: int) -> None:
-    """Raises ValueError for token ids outside [0, vocab_size) when the ids are concrete (not traced)."""
-    if isinstance(input_ids, jax.core.Tracer):
-        return
-    ids = np.asarray(input_ids)
-    if ids.size == 0:
-        raise ValueError("input_ids is empty")
-    lo, hi = int(ids.min()), int(ids.max())
-    if lo < 0 or hi >= vocab_size:
-        raise ValueError(f"token ids must lie in [0, {vocab_size}), got values in [{lo}, {hi}]")
+def check_token_ids(input_ids, vocab_size: int):
+    """The ids, checked to lie in [0, vocab_size).  Concrete ids out of range raise ValueError.  Traced ids (under
+    jit) cannot raise: an out-of-range one becomes the index `vocab_size`, whose embedding lookup is NaN (jnp.take
+    fills out-of-bounds rows), so the logits from that position on are NaN, never numbers (a train step counts them
+    as a non-finite gradient); under `checkify.checkify(f, errors=checkify.user_checks)` the check raises."""
+    if not isinstance(input_ids, jax.core.Tracer):
+        ids = np.asarray(input_ids)
+        if ids.size == 0:
+            raise ValueError("input_ids is empty")
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"token ids must lie in [0, {vocab_size}), got values in [{lo}, {hi}]")
+        return input_ids
+    valid = (input_ids >= 0) & (input_ids < vocab_size)
+    checkify.debug_check(jnp.all(valid), f"token ids must lie in [0, {vocab_size}), got values in [{{lo}}, {{hi}}]",
+                         lo=input_ids.min(), hi=input_ids.max())
+    return jnp.where(valid, input_ids, vocab_size)
 
 
 def init_params(model: RecurrentDepthLM, rng: jax.Array, seq_len: int = 8):

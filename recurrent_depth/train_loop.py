@@ -22,6 +22,7 @@ from recurrent_depth.data import make_dataset
 from recurrent_depth.paths import as_path
 from recurrent_depth.sharding import make_mesh
 from recurrent_depth.losses import token_losses
+from recurrent_depth.run_config import validate_run_config
 from recurrent_depth.training import Trainer, TrainState
 
 PREFETCH_BATCHES = 2  # batches the host prepares ahead of the device
@@ -174,6 +175,7 @@ def _held_out(config, trainer: Trainer) -> HeldOutEval | None:
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> TrainState:
     """Trains to config.train.steps, resuming from the newest checkpoint in `workdir`; returns the final state."""
     initialize_distributed(config.distributed)
+    validate_run_config(config, jax.device_count(), jax.process_count())  # before any data, mesh or compilation
     workdir = as_path(workdir)
     profiler = telemetry.StepProfiler(config.train.profile_steps, workdir / telemetry.PROFILE_DIR)
     trainer = Trainer(config, make_mesh(config.mesh.shape))
@@ -203,9 +205,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Trai
             checkpointer.save(step, state, iterator, force=stop or step == steps)
             if log_step or stop:
                 window = jax.device_get(window)
-                if not config.train.skip_nonfinite and any(bool(m["nonfinite"]) for m in window):
-                    raise FloatingPointError(f"non-finite gradient by step {step} "
-                                             "(set train.skip_nonfinite=True to skip such updates)")
+                halted = [int(m["halted_at"]) for m in window if int(m["halted_at"]) >= 0]
+                if halted:  # train.skip_nonfinite=False: the step froze the state at the bad step
+                    raise FloatingPointError(
+                        f"non-finite gradient at step {halted[0]}: it and the steps after it applied no update, and "
+                        f"the state (also in any checkpoint written since) is the one from before step {halted[0]} "
+                        "(set train.skip_nonfinite=True to skip such updates instead)")
                 record = {"step": step, **summarize(window, trainer, time.perf_counter() - tick, peak)}
                 writer.write(record)
                 progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_sec']:.0f}")

@@ -25,6 +25,7 @@ from recurrent_depth.depth import make_depth_sampler
 from recurrent_depth.losses import token_losses
 from recurrent_depth.model import RecurrentDepthLM, init_params
 from recurrent_depth.optim import make_optimizer, make_schedule
+from recurrent_depth.run_config import validate_run_config
 
 BATCH_KEYS = ("inputs", "labels", "segment_ids", "positions")
 
@@ -50,9 +51,6 @@ def build_optimizer(config: ml_collections.ConfigDict, total_steps: int):
 
 def build_depth_sampler(config: ml_collections.ConfigDict, model_config: ModelConfig, seed: int):
     depth = config
-    if depth.kind == "fixed" and depth.k is not None and depth.k > model_config.mean_backprop_depth:
-        raise ValueError(f"train.depth.k={depth.k} exceeds model.mean_backprop_depth="
-                         f"{model_config.mean_backprop_depth}, the most gradient iterations one compiled step runs")
     extra = {"n": depth.n, "k": depth.k} if depth.kind == "fixed" else {}
     return make_depth_sampler(depth.kind, model_config.mean_recurrence, model_config.mean_backprop_depth,
                               seed=seed, sigma=depth.sigma, **extra)
@@ -67,20 +65,11 @@ class Trainer:
 
     def __post_init__(self):
         cfg = self.config
-        self.model_config = ModelConfig.from_dict(cfg.model)
+        # Every section checked (ConfigError naming the field) before anything is built or compiled.
+        self.model_config = validate_run_config(cfg, process_count=jax.process_count(), mesh_shape=self.mesh.shape)
         self.model = RecurrentDepthLM(self.model_config)
         self.rules = sharding.rules_from_config(cfg.mesh.rules)
         train = cfg.train
-        if train.batch_size % train.microbatches:
-            raise ValueError(f"train.batch_size ({train.batch_size}) must be divisible by train.microbatches "
-                             f"({train.microbatches})")
-        if train.seq_len > self.model_config.max_seq_len:
-            raise ValueError(f"train.seq_len ({train.seq_len}) exceeds model.max_seq_len "
-                             f"({self.model_config.max_seq_len})")
-        batch_shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        if (train.batch_size // train.microbatches) % batch_shards:
-            raise ValueError(f"the microbatch size ({train.batch_size // train.microbatches}) must be divisible by "
-                             f"the data x fsdp mesh size ({batch_shards})")
         self.tx, self.schedule = build_optimizer(train.optimizer, train.steps)
         self.depth_sampler = build_depth_sampler(train.depth, self.model_config, cfg.seed)
         self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
@@ -106,10 +95,28 @@ class Trainer:
         return TrainState(step=sharding.replicated(self.mesh), params=param_shardings, opt_state=opt_shardings)
 
     def init_state(self, rng: jax.Array | None = None) -> TrainState:
-        """Freshly initialised, sharded parameters and optimizer state (seeded by config.seed by default)."""
+        """Sharded parameters and a fresh optimizer state: from `train.init_from` (a Hugging Face checkpoint,
+        parameter checkpoint or workdir, each tensor read straight into its shard) if set and no `rng` is given,
+        else freshly initialised (seeded by config.seed by default)."""
+        source = self.config.train.get("init_from")
+        if source and rng is None:
+            return self._load_state(source)
         rng = jax.random.key(self.config.seed) if rng is None else rng
         with self.context():
             return jax.jit(self._init_fn, out_shardings=self.state_shardings)(rng)
+
+    def _load_state(self, source: str) -> TrainState:
+        from recurrent_depth.checkpoint import load_model
+        from recurrent_depth.evaluation.runner import check_config
+
+        model, params = load_model(source, dtype=self.model_config.param_dtype, shardings=self.state_shardings.params)
+        check_config(model.config, self.model_config, "this run's model config")
+
+        def init(params):
+            return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
+
+        with self.context():
+            return jax.jit(init, out_shardings=self.state_shardings)(params)
 
     def _init_fn(self, key) -> TrainState:
         params = nn.meta.unbox(init_params(self.model, key))
@@ -146,19 +153,34 @@ class Trainer:
         denom = jnp.maximum(count, 1).astype(jnp.float32)
         grads = jax.tree.map(lambda g: g / denom, grads)
         grad_norm = optax.tree.norm(grads)
+        nonfinite = ~jnp.isfinite(grad_norm)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                               opt_state=opt_state)
+        # apply_if_finite advances the inner optimizer (and its schedule) only on applied updates: the lr this
+        # step applies is the schedule at the number of updates applied so far, not at the step count.
+        applied = state.step - state.opt_state.total_notfinite
+        halted_at = jnp.int32(-1)
+        if not self.config.train.skip_nonfinite:
+            # Stop at the first non-finite gradient without a host sync: this and every later step apply nothing
+            # and keep the state from before it (notfinite_count marks it halted); the loop raises at its next log.
+            halted = nonfinite | (state.opt_state.notfinite_count > 0)
+            frozen = state.replace(opt_state=state.opt_state._replace(
+                notfinite_count=jnp.ones_like(state.opt_state.notfinite_count)))
+            new_state = jax.tree.map(lambda old, new: jnp.where(halted, old, new), frozen, new_state)
+            halted_at = jnp.where(halted, state.step + 1, -1).astype(jnp.int32)
         metrics = {
             "loss": ce / denom,
             "grad_norm": grad_norm,
-            "lr": self.schedule(state.step),
+            "lr": self.schedule(applied),
             "num_steps_no_grad": n,
             "num_steps_with_grad": k,
             "tokens": count,
-            "nonfinite": ~jnp.isfinite(grad_norm),
-            "skipped_updates": opt_state.total_notfinite,
+            "nonfinite": nonfinite,
+            "skipped_updates": new_state.opt_state.total_notfinite,
+            "halted_at": halted_at,  # the step (1-based) whose non-finite gradient stopped training, else -1
         }
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        return new_state, metrics
 
     def abstract_state(self) -> TrainState:
         """ShapeDtypeStructs with this mesh's shardings: the restore target of a checkpoint."""

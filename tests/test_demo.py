@@ -6,16 +6,23 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
 from helpers import load_config, single_cpu_env
 from recurrent_depth import shell_game
+from recurrent_depth.config import ModelConfig
+from recurrent_depth.evaluation import Depth, EvalModel
+from recurrent_depth.evaluation.runner import check_config
 from recurrent_depth.evaluation.tasks import ShellGameTask, parse_tasks
+from recurrent_depth.hf import from_huggingface
 from recurrent_depth.losses import IGNORE_INDEX
+from recurrent_depth.sharding import make_mesh
 from recurrent_depth.shell_game import CUPS, SWAPS, ShellGameTokenizer
 
 ROOT = Path(__file__).parent.parent
+DEMO_FIXTURE = Path(__file__).parent / "fixtures" / "shell-game-demo"
 
 
 def _ball_after_each_swap(swaps: list[str]) -> list[str]:
@@ -111,3 +118,30 @@ def test_default_train_then_eval(tmp_path):
     assert 1 <= results["results"][-1]["tasks"]["long"]["mean_steps"] <= 32
     assert sorted(results["plots"]) == ["plots/all_tasks__acc.png", "plots/long__acc.png", "plots/short__acc.png"]
     assert len((out / "samples" / "short" / "r_1.jsonl").read_text().splitlines()) == 16
+
+
+def test_more_iterations_help_on_the_trained_lengths():
+    """The demo's model (tests/fixtures/shell-game-demo: configs/demo.py after 1500 of its 5000 steps) on held-out
+    problems of the trained lengths: accuracy, from one plain forward pass per depth, rises with iterations; and
+    eval's shell-game task reports the same accuracy."""
+    model, params = from_huggingface(DEMO_FIXTURE)
+    demo = load_config("demo")
+    check_config(model.config, ModelConfig.from_dict(demo.model), "configs/demo.py")
+    trained = demo.train.seq_len - 1  # swaps per training row: lengths 1..trained are trained
+    problems = shell_game.held_out_problems(256, seed=0, lengths=(1, trained))
+    ids = np.zeros((len(problems), trained + 1), np.int32)  # BOS, the swaps, padding (causal: never read)
+    ids[:, 0] = ShellGameTokenizer.bos_id
+    for row, (swaps, _) in enumerate(problems):
+        ids[row, 1:1 + len(swaps)] = swaps
+    last = np.asarray([len(swaps) for swaps, _ in problems])  # the position of the last swap
+    answers = np.asarray([cup for _, cup in problems])
+    forward = jax.jit(lambda ids, r: model.apply({"params": params}, ids, num_steps=r, init_scale=0.0).logits)
+    acc = {r: float(np.mean(np.asarray(forward(ids, r))[np.arange(len(ids)), last].argmax(-1) == answers))
+           for r in (1, 2, 4, 8)}
+    assert acc[2] > acc[1] + 0.03 and acc[4] > acc[2] + 0.03, acc  # each doubling helps...
+    assert acc[8] >= acc[4] - 0.02 and acc[8] > acc[1] + 0.1, acc  # ...and more does not hurt
+    lm = EvalModel(model, params, ShellGameTokenizer(), mesh=make_mesh((1, 1, 1), jax.devices()[:1]),
+                   batch_size=256, progress=False)
+    task = ShellGameTask("trained", f"1-{trained}", size=256, seed=0)
+    for r in (1, 8):
+        assert task.evaluate(lm, Depth(r)).metrics["acc"] == acc[r]

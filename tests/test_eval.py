@@ -22,7 +22,7 @@ from recurrent_depth.evaluation.records import multiple_choice
 from recurrent_depth.evaluation.tasks import qa_prompt, rolling_windows
 from recurrent_depth.decoding import generate
 from recurrent_depth.sharding import make_mesh
-from recurrent_depth.tokenizer import BOS, EOS, PAD, apply_chat_template
+from recurrent_depth.tokenizer import BOS, EOS, PAD, apply_chat_template, load_tokenizer
 
 ROOT = Path(__file__).parent.parent
 TINY_CHECKPOINT = Path(__file__).parent / "fixtures" / "huginn-tiny" / "checkpoint"
@@ -356,7 +356,7 @@ def hf_checkpoint(tmp_path_factory):
     return path
 
 
-def test_eval_py_end_to_end(hf_checkpoint, files, tmp_path):
+def test_eval_py_end_to_end(hf_checkpoint, files, tmp_path, direct):
     pytest.importorskip("reasoning_gym")
     out, doc = tmp_path / "out", tmp_path / "short.txt"
     doc.write_text("hello world.")
@@ -373,7 +373,18 @@ def test_eval_py_end_to_end(hf_checkpoint, files, tmp_path):
     for entry in results["results"]:
         assert list(entry["tasks"]) == names
         assert ("mean_steps" in entry["tasks"]["mc:mc"]) == (entry["exit_criterion"] is not None)
-    assert 0 <= results["results"][0]["tasks"]["mc:mc"]["acc"] <= 1
+    # The multiple-choice scores at r=1, recomputed here from one plain forward pass with the checkpoint's tokenizer
+    # (lm-eval's split: the continuation is what the whole string's encoding adds to the context's).
+    tok = load_tokenizer("huggingface", hf_checkpoint)
+    encode = lambda text: [tok.bos_id] + [i for i in tok.encode(text) if i != tok.bos_id]  # noqa: E731
+    samples = [json.loads(line) for line in (out / "samples" / "mc_mc" / "r_1.jsonl").read_text().splitlines()]
+    correct = 0
+    for row, sample in zip(MC_ROWS, samples, strict=True):
+        contexts = [encode(row["context"])] * len(row["choices"])
+        lls = direct([encode(row["context"] + " " + c) for c in row["choices"]], [len(c) for c in contexts], 1)
+        np.testing.assert_allclose(sample["loglikelihoods"], lls, rtol=2e-5)
+        correct += int(np.argmax(lls)) == row["gold"]
+    assert results["results"][0]["tasks"]["mc:mc"]["acc"] == correct / len(MC_ROWS)
     assert 1 <= results["results"][2]["tasks"]["gen:gen"]["mean_steps"] <= 2
     assert results["tasks"]["rg:basic_arithmetic"]["size"] == 3 and results["mesh"] == {"data": 1, "fsdp": 1,
                                                                                           "tensor": 1}
@@ -490,14 +501,24 @@ def test_lm_eval_adapter_simple_evaluate(hf_checkpoint, files, tmp_path, monkeyp
                                                            {"batch_size": 4, "device": None})
     out = lm_eval.simple_evaluate(model=model, tasks=["tiny_mc", "tiny_gen", "tiny_ppl"],
                                   task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
-                                  bootstrap_iters=0, log_samples=False)
+                                  bootstrap_iters=0, log_samples=True)
     results = out["results"]
     # The harness's requests are the ones our own tasks build, so the numbers agree.
     mc = MultipleChoiceTask("mc", files["mc"]).evaluate(model.lm, Depth(2)).metrics
     assert (results["tiny_mc"]["acc,none"], results["tiny_mc"]["acc_norm,none"]) == (mc["acc"], mc["acc_norm"])
     own = PerplexityTask("ppl", ppl).evaluate(model.lm, Depth(2)).metrics
     np.testing.assert_allclose(results["tiny_ppl"]["bits_per_byte,none"], own["bits_per_byte"], rtol=1e-5)
-    assert 0 <= results["tiny_gen"]["exact_match,none"] <= 1
+    # The harness's generations are greedy decoding at 2 iterations, cut at its stop string; exact match follows.
+    prompts = [f"Question: {row['question']}\nAnswer:" for row in GEN_ROWS]
+    direct = generate(model.lm.model, model.lm.params, [model.lm.encode(p) for p in prompts], max_new_tokens=6,
+                      num_steps=2, init_scale=0.0, stop_tokens=model.lm.stop_ids())
+    vocab = model.lm.tokenizer.vocab_size
+    expected = [model.lm.tokenizer.decode([t for t in row if 0 <= t < vocab]).split("Question:")[0]
+                for row in np.asarray(direct.tokens).tolist()]
+    harness = sorted(out["samples"]["tiny_gen"], key=lambda sample: sample["doc_id"])
+    assert [sample["resps"][0][0] for sample in harness] == expected
+    matches = [text == row["answer"] for text, row in zip(expected, GEN_ROWS)]
+    assert results["tiny_gen"]["exact_match,none"] == np.mean(matches)
     assert model.mean_steps and all(s == 2 for s in model.mean_steps)
     chat = model.apply_chat_template([{"role": "user", "content": "Hi"}])
     assert chat.startswith(BOS) and chat.endswith("<|begin_header|>Huginn<|end_header|>\n\n")

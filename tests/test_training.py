@@ -5,13 +5,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
+import optax
+import orbax.checkpoint as ocp
 import pytest
 
+from conftest import TINY
 from helpers import assert_close, load_config, small_config
 from recurrent_depth import RecurrentDepthLM, flops, init_params
-from recurrent_depth.config import ModelConfig
+from recurrent_depth.checkpoint import CHECKPOINTS_DIR, TrainCheckpointer
+from recurrent_depth.config import ConfigError, ModelConfig
 from recurrent_depth.sharding import make_mesh, resolve_mesh_shape
 from recurrent_depth.synthetic import progression_batches
+from recurrent_depth.train_loop import train
 from recurrent_depth.losses import token_losses
 from recurrent_depth.training import Trainer
 
@@ -89,20 +94,6 @@ def test_gradient_accumulation_equals_the_full_batch():
         assert_close(a, b, rtol=1e-5, name="parameters")
 
 
-def test_nonfinite_gradients_skip_the_update_and_are_counted():
-    config = small_config()
-    trainer = Trainer(config, make_mesh((1, 1, 1), jax.devices()[:1]))
-    state = trainer.init_state()
-    params = jax.device_get(state.params)
-    params["ln_f"]["scale"] = params["ln_f"]["scale"].copy()
-    params["ln_f"]["scale"][0] = np.nan
-    state = state.replace(params=jax.device_put(params, trainer.state_shardings.params))
-    state, metrics = trainer.step(state, _batch(config))
-    assert bool(metrics["nonfinite"]) and int(metrics["skipped_updates"]) == 1
-    after = jax.device_get(state.params)
-    np.testing.assert_array_equal(after["core"]["adapter"], params["core"]["adapter"])
-
-
 def test_z_loss_and_ignored_labels():
     rng = np.random.default_rng(0)
     logits = jnp.asarray(rng.normal(size=(2, 5, 7)), jnp.float32)
@@ -153,3 +144,88 @@ def test_mesh_shape_resolution_and_errors():
     with pytest.raises(ValueError, match="divisible by the data x fsdp mesh size"):
         Trainer(config, make_mesh((1, 8, 1)))
 
+
+def _poisoned(trainer, state):
+    """`state` with a NaN in the final norm's scale: the next gradient is NaN everywhere."""
+    params = jax.device_get(state.params)
+    params["ln_f"]["scale"] = params["ln_f"]["scale"].copy()
+    params["ln_f"]["scale"][0] = np.nan
+    return state.replace(params=jax.device_put(params, trainer.state_shardings.params))
+
+
+def _warmup_config(**train):
+    config = small_config()
+    config.train.update(**train)
+    config.train.optimizer.update(warmup_steps=10, peak_learning_rate=1e-2)  # lr = 1e-3 * applied updates
+    return config
+
+
+def test_nonfinite_update_is_skipped_and_the_logged_lr_is_the_one_applied():
+    """A non-finite gradient's update is skipped and counted; it does not advance the schedule (apply_if_finite),
+    and the logged lr follows the updates applied, not the step count."""
+    config = _warmup_config()
+    trainer = Trainer(config, make_mesh((1, 1, 1), jax.devices()[:1]))
+    state, lrs, applied, counts = trainer.init_state(), [], 0, []
+    for step in range(1, 6):
+        clean = state.params
+        state, metrics = trainer.step(_poisoned(trainer, state) if step == 3 else state, _batch(config, step))
+        lrs.append(float(metrics["lr"]))
+        counts.append(applied)
+        if step == 3:
+            assert bool(metrics["nonfinite"]) and int(metrics["skipped_updates"]) == 1
+            np.testing.assert_array_equal(jax.device_get(state.params["core"]["adapter"]),
+                                          jax.device_get(clean["core"]["adapter"]))
+            state = state.replace(params=clean)  # undo the poison; the optimizer state is the skipped step's
+        else:
+            applied += 1
+    assert counts == [0, 1, 2, 2, 3]
+    np.testing.assert_allclose(lrs, [1e-2 * c / 10 for c in counts], rtol=1e-6)
+    assert int(optax.tree_utils.tree_get(state.opt_state, "count")) == applied == 4  # ellis_adam's own count
+
+
+def test_training_loop_stops_at_a_nonfinite_gradient_and_keeps_the_state_before_it(tmp_path, monkeypatch):
+    """skip_nonfinite=False: the loop raises at the next log step naming the bad step; the checkpoint written
+    after it holds the state from before it."""
+    config = small_config()
+    config.train.update(steps=8, log_every=4, skip_nonfinite=False)
+    config.checkpoint.update(every=2, async_save=False)
+    vocab, calls, step_fn = config.model.vocab_size, [], Trainer.step
+
+    def step_with_a_bad_batch(self, state, batch):
+        calls.append(1)
+        if len(calls) == 3:  # an out-of-range token id: NaN logits under jit, so a NaN gradient
+            batch = dict(batch, inputs=np.full_like(batch["inputs"], vocab))
+        return step_fn(self, state, batch)
+
+    monkeypatch.setattr(Trainer, "step", step_with_a_bad_batch)
+    with pytest.raises(FloatingPointError, match="non-finite gradient at step 3:"):
+        train(config, tmp_path)
+    assert len(calls) == 4 and not (tmp_path / "metrics.jsonl").read_text()  # stopped at the first log step
+    trainer = Trainer(config, make_mesh((1, 1, 1), jax.devices()[:1]))
+    checkpointer = TrainCheckpointer(tmp_path / CHECKPOINTS_DIR, every=1, keep=10, async_save=False)
+    restore = ocp.args.Composite(state=ocp.args.StandardRestore(trainer.abstract_state()))
+    saved = {s: checkpointer.manager.restore(s, args=restore).state for s in checkpointer.manager.all_steps()}
+    checkpointer.close()
+    assert sorted(saved) == [2, 4] and int(saved[4].step) == 2
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(saved[4].params), jax.device_get(saved[2].params))
+
+
+def test_training_starts_from_a_hugging_face_checkpoint_read_into_its_shards(tiny):
+    """train.init_from: the parameters are the checkpoint's, each device holding its ~1/8 share."""
+    config = load_config("tiny")  # the huginn-tiny fixture's shape
+    config.train.init_from = str(TINY / "checkpoint")
+    trainer = Trainer(config, make_mesh((1, 8, 1)))
+    state = trainer.init_state()
+    assert int(state.step) == 0
+    for a, b, sharding in zip(jax.tree.leaves(state.params), jax.tree.leaves(tiny[1]),
+                              jax.tree.leaves(trainer.state_shardings.params)):
+        assert a.sharding == sharding
+        np.testing.assert_array_equal(jax.device_get(a), jax.device_get(b))
+    per_device = {}
+    for leaf in jax.tree.leaves(state.params):
+        for shard in leaf.addressable_shards:
+            per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
+    assert max(per_device.values()) < 1.1 * sum(x.nbytes for x in jax.tree.leaves(tiny[1])) / 8
+    config.model.intermediate_size = 128
+    with pytest.raises(ConfigError, match="intermediate_size: checkpoint 96 != config 128"):
+        Trainer(config, make_mesh((1, 8, 1))).init_state()

@@ -90,6 +90,8 @@ def _to_host(x) -> np.ndarray:
 
 def _put(x, target: NamedSharding) -> jax.Array:
     """An array (the same value on every process) placed with `target`."""
+    if isinstance(x, jax.Array) and x.sharding == target:  # e.g. parameters loaded straight into their shards
+        return x
     if jax.process_count() == 1:
         return jax.device_put(x, target)
     x = np.asarray(x)

@@ -15,7 +15,7 @@ from etils import epath
 from tqdm import tqdm
 
 from recurrent_depth import sharding
-from recurrent_depth.checkpoint import CHECKPOINTS_DIR, RUN_CONFIG_FILE, load_model
+from recurrent_depth.checkpoint import CHECKPOINTS_DIR, RUN_CONFIG_FILE, load_model, param_shardings
 from recurrent_depth.config import ConfigError, ModelConfig, load_config_file
 from recurrent_depth.evaluation import report
 from recurrent_depth.evaluation.engine import Depth, EvalModel
@@ -90,11 +90,12 @@ def load_eval_model(checkpoint: str | os.PathLike, *, tokenizer: str | None = No
     run_config = _run_config(checkpoint, config)
     text = find_tokenizer(checkpoint, tokenizer, run_config)  # before the (slow) model load
     mesh = sharding.make_mesh(parse_mesh(mesh if mesh is not None else DEFAULT_MESH))
-    model, params = load_model(checkpoint, dtype=dtype)
-    if config:
-        check_config(model.config, ModelConfig.from_dict(run_config.model), f"--config={config}")
     has_rules = run_config is not None and run_config.get("mesh") is not None
     rules = sharding.rules_from_config(run_config.mesh.rules) if has_rules else sharding.DEFAULT_RULES
+    # Each device reads only its shard of every tensor: the model never has to fit one device.
+    model, params = load_model(checkpoint, dtype=dtype, shardings=param_shardings(mesh, rules))
+    if config:
+        check_config(model.config, ModelConfig.from_dict(run_config.model), f"--config={config}")
     return EvalModel(model, params, text, mesh=mesh, rules=rules, batch_size=batch_size, init_scale=init_scale,
                      seed=seed, progress=progress)
 
