@@ -47,13 +47,11 @@ def bench_config(n: int, k: int, optimizer: str, remat_policy: str):
 
 
 def run(config, steps: int, profile_dir: str | None = None):
-    """(trainer, tokens/s over `steps` timed steps after one warm-up, compiled memory analysis)."""
+    """(trainer, tokens/s over `steps` timed steps after one warm-up, compiled memory analysis, compilations)."""
     trainer = Trainer(config, make_mesh((1, 1, 1), jax.devices()[:1]))
     state = trainer.init_state()
     batches = progression_batches(BATCH, SEQ, config.model.vocab_size, seed=0)
-    batch = next(batches)
-    memory = trainer._step.lower(state, jax.device_put(batch, trainer.batch_sharding)).compile().memory_analysis()
-    state, metrics = trainer.step(state, batch)  # compile + warm up
+    state, metrics = trainer.step(state, next(batches))  # compile + warm up
     jax.block_until_ready(metrics)
     trace = jax.profiler.trace(profile_dir) if profile_dir else contextlib.nullcontext()
     with trace:
@@ -62,7 +60,9 @@ def run(config, steps: int, profile_dir: str | None = None):
             state, metrics = trainer.step(state, next(batches))
         jax.block_until_ready(metrics)
         elapsed = time.perf_counter() - start
-    return trainer, steps * BATCH * SEQ / elapsed, memory
+    compiles = trainer.compilations  # before lowering once more for the memory analysis
+    memory = trainer.lower().compile().memory_analysis()
+    return trainer, steps * BATCH * SEQ / elapsed, memory, compiles
 
 
 def main():
@@ -76,14 +76,14 @@ def main():
            "matmul_peak_tflops": round(peak / 1e12, 4)}
     for name, setting in SETTINGS.items():
         profile = f"{args.profile}/{name}" if args.profile else None
-        trainer, tokens_per_sec, memory = run(bench_config(4, 4, **setting), args.steps, profile)
+        trainer, tokens_per_sec, memory, compiles = run(bench_config(4, 4, **setting), args.steps, profile)
         cfg = trainer.model_config
         model, hardware = flops.train_flops_per_token(cfg, SEQ, 4, 4), flops.hardware_train_flops_per_token(cfg, SEQ, 4)
         out[name] = {**setting, "tokens_per_sec": round(tokens_per_sec, 1),
                      "mfu": round(tokens_per_sec * model / peak, 4), "hfu": round(tokens_per_sec * hardware / peak, 4),
-                     "compiles": trainer.compilations,
+                     "compiles": compiles,
                      "temp_bytes_r8": memory.temp_size_in_bytes if memory else None}
-    _, _, memory_r32 = run(bench_config(28, 4, **SETTINGS["defaults"]), 1)
+    _, _, memory_r32, _ = run(bench_config(28, 4, **SETTINGS["defaults"]), 1)
     out["defaults"]["temp_bytes_r32"] = memory_r32.temp_size_in_bytes if memory_r32 else None
     out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps(out))
