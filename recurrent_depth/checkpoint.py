@@ -98,21 +98,14 @@ def load_workdir_params(workdir: str | os.PathLike, shardings=None) -> tuple[Rec
     if shardings is None:  # Orbax would otherwise restore onto the devices that saved
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), target)
-    args = ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
-    options = ocp.CheckpointManagerOptions(create=False)  # reads only; read_only=True warns on every load
-    errors = []
-    with ocp.CheckpointManager(workdir / CHECKPOINTS_DIR, item_names=("state",), options=options) as manager:
-        for step in sorted(manager.all_steps(), reverse=True):
-            try:
-                return RecurrentDepthLM(config), manager.restore(step, args=args).state["params"]
-            except Exception as err:  # noqa: BLE001 - an unreadable checkpoint falls back to the previous one
-                warnings.warn(f"checkpoint {workdir / CHECKPOINTS_DIR / str(step)} is unreadable "
-                              f"({type(err).__name__}: {str(err)[:300]}); trying the previous one")
-                errors.append(f"step {step}: {str(err)[:500]}")
-    if errors:
-        raise CheckpointError(f"no checkpoint in {workdir / CHECKPOINTS_DIR} could be restored:\n" + "\n".join(errors))
-    raise FileNotFoundError(f"no checkpoint in {workdir / CHECKPOINTS_DIR}")
+    checkpointer = TrainCheckpointer(workdir / CHECKPOINTS_DIR, every=1, keep=1 << 30, async_save=False)
+    try:  # the same agreed fallback as a resumed run's
+        state = checkpointer.restore_latest(target, partial=True)
+    finally:
+        checkpointer.close()
+    if state is None:
+        raise FileNotFoundError(f"no checkpoint in {workdir / CHECKPOINTS_DIR}")
+    return RecurrentDepthLM(config), state["params"]
 
 
 def load_model(path: str | os.PathLike, dtype: str | None = None, shardings=None) -> tuple[RecurrentDepthLM, dict]:
@@ -166,15 +159,16 @@ class TrainCheckpointer:
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(iterator.get_state()))
         return self.manager.save(step, args=args, force=force)
 
-    def restore_latest(self, abstract_state, iterator=None):
+    def restore_latest(self, abstract_state, iterator=None, partial: bool = False):
         """The newest checkpoint that every process can read, restored onto `abstract_state`'s shardings (so the
         mesh and the process count may differ from the ones that saved), with `iterator` (if given) set to its
         data state; None if there is no checkpoint.  A checkpoint unreadable on any process is skipped by all of
-        them, with a warning; if none can be read, CheckpointError."""
+        them, with a warning; if none can be read, CheckpointError.  `partial`: `abstract_state` names a part of
+        the saved state (e.g. {"params": ...}), and only that part is read."""
         errors = []
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
-                state, data = self._read(step, abstract_state, iterator is not None)
+                state, data = self._read(step, abstract_state, iterator is not None, partial)
                 if iterator is not None:
                     iterator.set_state(data)
                 error = None
@@ -192,13 +186,18 @@ class TrainCheckpointer:
                                   f"this config?):\n" + "\n".join(e[:500] for e in errors))
         return None
 
-    def _read(self, step: int, abstract_state, with_data: bool):
+    def _read(self, step: int, abstract_state, with_data: bool, partial: bool = False):
         """(state, data state) of one checkpoint, read by this process alone: Orbax's item handlers, not its
         checkpointer, whose barriers would wait forever for a process that failed to read."""
         path = epath.Path(self.directory) / str(step)
-        handler = ocp.StandardCheckpointHandler()
+        if partial:
+            handler = ocp.PyTreeCheckpointHandler()
+            args = ocp.args.PyTreeRestore(item=abstract_state, partial_restore=True,
+                                          restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))
+        else:
+            handler, args = ocp.StandardCheckpointHandler(), ocp.args.StandardRestore(abstract_state)
         try:
-            state = handler.restore(path / "state", args=ocp.args.StandardRestore(abstract_state))
+            state = handler.restore(path / "state", args=args)
         finally:
             handler.close()
         if not with_data:

@@ -46,6 +46,7 @@ from recurrent_depth.synthetic import progression_batch
 from recurrent_depth.tokenizer import Tokenizer, load_tokenizer
 
 SOURCE_KINDS = ("text", "jsonl", "array_record")
+DATA_KINDS = ("synthetic", "shell_game", "mixture")
 MIX_PERIOD = 1000  # slots of the per-row source pattern: weights are honoured to 1 / MIX_PERIOD
 # Batches computed ahead by grain's threads while the device runs the current step.
 READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
@@ -378,7 +379,7 @@ def make_dataset(config: ml_collections.ConfigDict, *, batch_size: int, seq_len:
                              f"{vocab_size}")
         return _by_step(_LocalRows(functools.partial(shell_game_batch, batch_size, seq_len, seed), lo, rows))
     if config.kind != "mixture":
-        raise ValueError(f"unknown data.kind {config.kind!r}; valid kinds: 'synthetic', 'shell_game', 'mixture'")
+        raise ValueError(f"unknown data.kind {config.kind!r}; valid kinds: {DATA_KINDS}")
     sources = config.sources if sources is None else sources
     if not sources:
         raise ValueError("data.sources is empty: give at least one {kind, paths, weight} source")

@@ -14,14 +14,15 @@ import ml_collections
 
 from recurrent_depth import sharding
 from recurrent_depth.config import DTYPES, ConfigError, ModelConfig
+from recurrent_depth.data import DATA_KINDS, SOURCE_KINDS
 from recurrent_depth.depth import DEPTH_KINDS
+from recurrent_depth.exit_criteria import DEFAULT_THRESHOLDS
 from recurrent_depth.optim import OPTIMIZER_NAMES, SCHEDULE_KINDS, make_schedule
+from recurrent_depth.shell_game import ShellGameTokenizer
+from recurrent_depth.tokenizer import TOKENIZER_KINDS
 
-DATA_KINDS = ("synthetic", "shell_game", "mixture")
-SOURCE_KINDS = ("text", "jsonl", "array_record")  # as recurrent_depth.data.SOURCE_KINDS (not imported: grain)
-TOKENIZER_KINDS = ("sentencepiece", "huggingface", "shell_game")
-EXIT_CRITERIA = ("entropy-diff", "latent-diff", "kl", "minp-kl", "argmax-stability", "cosine", "none")
-SHELL_GAME_TOKENS = 18  # recurrent_depth.shell_game.ShellGameTokenizer.vocab_size
+EXIT_CRITERIA = (*DEFAULT_THRESHOLDS, "none")
+SHELL_GAME_TOKENS = ShellGameTokenizer.vocab_size
 
 
 def _get(config, name: str):

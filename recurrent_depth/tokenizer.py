@@ -92,6 +92,9 @@ class HuggingFaceTokenizer:
         return value
 
 
+TOKENIZER_KINDS = ("sentencepiece", "huggingface", "shell_game")
+
+
 def load_tokenizer(kind: str, path: str | os.PathLike) -> Tokenizer:
     """`kind` is 'sentencepiece' (a .model file), 'huggingface' (tokenizer.json or its directory) or
     'shell_game' (the demo task's words; no file)."""
@@ -103,8 +106,7 @@ def load_tokenizer(kind: str, path: str | os.PathLike) -> Tokenizer:
         return SentencePieceTokenizer(path)
     if kind == "huggingface":
         return HuggingFaceTokenizer(path)
-    raise ValueError(f"unknown tokenizer kind {kind!r}; valid kinds: 'sentencepiece', 'huggingface', "
-                     "'shell_game'")
+    raise ValueError(f"unknown tokenizer kind {kind!r}; valid kinds: {TOKENIZER_KINDS}")
 
 
 def apply_chat_template(messages: Iterable[dict], add_generation_prompt: bool = True) -> str:
