@@ -113,3 +113,22 @@ def params_checksum(params) -> float:
 
 
 MULTIHOST_STEPS = 6  # steps of tests/test_multihost.py's runs (checkpoints at 2, 4 and 6)
+
+
+HUGINN_TEST_SPECIALS = ("<|begin_text|>", "<|end_text|>", "<|begin_header|>", "<|end_header|>", "<|end_turn|>",
+                        "<|pad|>")
+
+
+def train_huginn_style_tokenizer(directory, text: str):
+    """A small byte-level BPE `tokenizer.json` with huginn-0125's special tokens (ids 0-5), in `directory`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from recurrent_depth.tokenizer import load_tokenizer
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([text] * 50, trainers.BpeTrainer(vocab_size=400, special_tokens=list(HUGINN_TEST_SPECIALS),
+                                                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(Path(directory) / "tokenizer.json"))
+    return load_tokenizer("huggingface", directory)

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from helpers import train_huginn_style_tokenizer
 from recurrent_depth.config import data_config
 from recurrent_depth.data import main as data_main
 from recurrent_depth.data import make_dataset, read_documents, read_shard
@@ -32,16 +33,7 @@ def test_sentencepiece_round_trip_and_special_ids(sp_tokenizer):
 
 
 def test_huggingface_tokenizer_json_and_chat_template(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = [BOS, EOS, "<|begin_header|>", "<|end_header|>", "<|end_turn|>", PAD]
-    tok.train_from_iterator([SAMPLE] * 50, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
-                                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.save(str(tmp_path / "tokenizer.json"))
-    hf = load_tokenizer("huggingface", tmp_path)
+    hf = train_huginn_style_tokenizer(tmp_path, SAMPLE)
     assert isinstance(hf, HuggingFaceTokenizer)
     assert hf.decode(hf.encode(SAMPLE)) == SAMPLE
     assert (hf.bos_id, hf.eos_id, hf.pad_id) == (0, 1, 5)
