@@ -11,7 +11,8 @@ outer step works on a window of positions that starts at the last final token (w
   5. a prefix of the window becomes final: `latent-diff` up to the last position whose state moved by less than
      exit_threshold of its norm, `token-stability` up to the last position whose tentative token was unchanged
      in more than num_steps // inner_steps outer steps (counted, not necessarily in a row), `fixed` `headway`
-     positions per step after num_steps // inner_steps steps.  The cache keeps the entries of final positions; the window's are rewritten at the next step.
+     positions per step after num_steps // inner_steps steps.  The cache keeps the entries of final positions;
+     the window's are rewritten at the next step.
 A sequence ends when max_new_tokens are final, or, after num_steps outer steps, when a final token is a stop
 token (the output ends at the first one, as `generate`'s; the original only checks newly frozen tokens and may
 return tokens past an earlier stop token).
