@@ -2,14 +2,15 @@
 
   python bench/parallel_bench.py [--workdir workdir_text_small] [--repeats 1]
 
-The model is configs/text_small.py's; if --workdir holds no checkpoint, train.py trains it there first (about 15
-CPU minutes, once).  Prompts: 32-token beginnings of held-out documents of its corpus.  At r = 32 iterations per
-token (the prefill of both samplers too), 128 new tokens, greedy, the model's init scale, no stop tokens, batch 1
-and 8: `generate` (the `full` cache), then `parallel_generate` for a few settings.  Per row: tokens/s over the
-whole call (the best of --repeats after a compiling call); core passes per token (applications of the core block,
-each over every position in flight: the weight reads, which bound batch-1 speed on a CPU); iterations per token
-(core iterations over all positions, the arithmetic); agreement with `generate`'s tokens: the fraction of
-identical tokens and the first position where a row differs (mean over rows; null: none differs).
+The model is configs/text_small.py's; if --workdir holds no checkpoint, the bench builds the corpus
+(recurrent_depth.corpus) into it and train.py trains it there first (about 15 CPU minutes, once).  Prompts:
+32-token beginnings of held-out documents.  At r = 32 iterations per token (the prefill of both samplers too),
+128 new tokens, greedy, the model's init scale, no stop tokens, batch 1 and 8: `generate` (the `full` cache),
+then `parallel_generate` for a few settings.  Per row: tokens/s over the whole call (the best of --repeats after
+a compiling call); core passes per token (applications of the core block, each over every position in flight:
+the weight reads); iterations per token (core iterations over all positions: the arithmetic); agreement with
+`generate`'s tokens: the fraction of identical tokens and the first position where a row differs (mean over the
+rows that differ; null: none does).
 `generate_self_agreement` compares generate with another seed of the random initial state: the agreement that
 noise alone leaves.
 """
@@ -36,22 +37,27 @@ PROMPT_LEN, NEW_TOKENS, NUM_STEPS, BATCHES = 32, 128, 32, (1, 8)
 # name -> parallel_generate settings (the defaults: max_wavefront 128, inner_steps 4, exit_threshold 0.03).
 SETTINGS = {
     "parallel default": {},
+    "parallel threshold 0.05": dict(exit_threshold=0.05),
     "parallel threshold 0.1": dict(exit_threshold=0.1),
-    "parallel threshold 0.01": dict(exit_threshold=0.01),
     "parallel inner 8": dict(inner_steps=8),
     "parallel wavefront 32": dict(max_wavefront=32),
 }
 
 
 def trained_model(workdir: Path):
-    """(model, params, run config) of the workdir's newest checkpoint; trains configs/text_small.py there first
-    if it has none."""
+    """(model, params, run config) of the workdir's newest checkpoint.  If it has none: builds the corpus into
+    workdir/corpus and trains configs/text_small.py on it there, as a user would (once)."""
     try:
         model, params = load_workdir_params(workdir)
     except FileNotFoundError:
-        print(f"no checkpoint in {workdir}: training configs/text_small.py there (once)", file=sys.stderr)
-        subprocess.run([sys.executable, str(ROOT / "train.py"), f"--config={ROOT / 'configs' / 'text_small.py'}",
-                        f"--workdir={workdir}"], cwd=ROOT, check=True)
+        corpus = workdir / "corpus"
+        print(f"no checkpoint in {workdir}: building {corpus} and training configs/text_small.py (once)",
+              file=sys.stderr)
+        if not (corpus / "tokenizer.model").exists():
+            subprocess.run([sys.executable, "-m", "recurrent_depth.corpus", "stdlib", "--output", str(corpus)],
+                           cwd=ROOT, check=True)
+        config = f"--config={ROOT / 'configs' / 'text_small.py'}:{corpus}"
+        subprocess.run([sys.executable, str(ROOT / "train.py"), config, f"--workdir={workdir}"], cwd=ROOT, check=True)
         model, params = load_workdir_params(workdir)
     return model, params, json.loads((workdir / RUN_CONFIG_FILE).read_text())
 
@@ -64,7 +70,8 @@ def prompts(run: dict, count: int) -> np.ndarray:
     source = (data.get("eval_sources") or data["sources"])[0]
     rows = []
     for doc in read_documents(source["kind"], expand_paths(source["paths"])):
-        ids = [tokenizer.bos_id, *tokenizer.encode(doc)][:PROMPT_LEN]
+        ids = ([tokenizer.bos_id] if tokenizer.bos_id >= 0 else []) + tokenizer.encode(doc)
+        ids = ids[:PROMPT_LEN]
         if len(ids) == PROMPT_LEN:
             rows.append(ids)
         if len(rows) == count:
