@@ -18,7 +18,7 @@ token (the output ends at the first one, as `generate`'s; the original only chec
 return tokens past an earlier stop token).
 
 Batched and compiled: every row has its own window, frozen prefix and stop state in one `while_loop`; the window
-is a buffer of max_wavefront states with masks, and each outer step runs the smallest of a few widths (8, 32, 128,
+is a buffer of max_wavefront states with masks, and each outer step runs the smallest of a few widths (8, 16, 32,
 ..., max_wavefront) that holds every row's window.  Only the shapes, max_wavefront, the cache strategy, the sampler,
 init_scale and padding side are compiled in: the other settings are traced.  Prompt handling, the KV cache and
 sampling are decoding.py's.
@@ -74,7 +74,7 @@ class _Settings:
     @property
     def widths(self) -> tuple[int, ...]:
         """The window widths an outer step may run at."""
-        sizes = [w for w in (8 * 4 ** k for k in range(8)) if w < self.window]
+        sizes = [w for w in (8 * 2 ** k for k in range(16)) if w < self.window]
         return (*sizes, self.window)
 
 
