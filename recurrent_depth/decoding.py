@@ -81,6 +81,14 @@ class _Runner:
     def apply(self, method, *args, **kwargs):
         return self.model.apply({"params": self.params}, *args, method=method, **kwargs)
 
+    def prelude(self, cache: KVCache, ids, chunk: Chunk, rope_positions, active):
+        """Embeds ids [batch, length] at `chunk` through the prelude, storing its entries for the `active` rows;
+        returns (cache, e [batch, length, embed], cos, sin: the chunk's rotary angles)."""
+        cfg = self.config
+        cos, sin = rope_angles(rope_positions, cfg.resolved_head_dim, cfg.rope_base)
+        e, cursor = self.apply(RecurrentDepthLM.embed, ids, cos, sin, None, cache.prelude_cursor(chunk, active))
+        return cache.replace(prelude=cursor.group), e, cos, sin
+
     def step(self, cache: KVCache, ids, chunk: Chunk, rope_positions, active, select, key, *, num_steps: int,
              criterion: ExitCriterion, state=None) -> _StepResult:
         """Processes ids [batch, length] at `chunk`: prelude, up to num_steps iterations (rows exit on their own
@@ -89,10 +97,7 @@ class _Runner:
         select [batch, k]: chunk positions whose logits/latents are returned.  state [batch, length, embed]:
         the initial state (continuous thinking); else drawn with `key` at the plan's init_scale.
         """
-        cfg = self.config
-        cos, sin = rope_angles(rope_positions, cfg.resolved_head_dim, cfg.rope_base)
-        e, cursor = self.apply(RecurrentDepthLM.embed, ids, cos, sin, None, cache.prelude_cursor(chunk, active))
-        cache = cache.replace(prelude=cursor.group)
+        cache, e, cos, sin = self.prelude(cache, ids, chunk, rope_positions, active)
         if state is None:
             state = self.apply(RecurrentDepthLM.initial_state, e, self.plan.init_scale, rngs={"state": key})
         chunk_pass = _ChunkPass(self, chunk, cos, sin, self.apply(RecurrentDepthLM.inject, e), select)
