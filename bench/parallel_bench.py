@@ -41,6 +41,7 @@ SETTINGS = {
     "parallel threshold 0.1": dict(exit_threshold=0.1),
     "parallel inner 8": dict(inner_steps=8),
     "parallel wavefront 32": dict(max_wavefront=32),
+    "parallel, cache compress-4": dict(cache_strategy="compress-4"),  # no `latest` fallback reads
 }
 
 
