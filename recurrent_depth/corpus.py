@@ -94,11 +94,6 @@ def prepare_stdlib(output: str | os.PathLike, *, root: str | os.PathLike | None 
     return manifest
 
 
-def is_prepared(output: str | os.PathLike) -> bool:
-    """Whether `output` holds a complete corpus (the manifest is written last)."""
-    return (as_path(output) / MANIFEST_FILE).exists()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m recurrent_depth.corpus", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -12,13 +12,14 @@ then writes the same column in every row) or on the right; RoPE positions count 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import io_callback
 
 from recurrent_depth.exit_criteria import ExitCriterion
 from recurrent_depth.kv_cache import CacheStrategy, Chunk, KVCache
@@ -62,6 +63,14 @@ class _Plan:
     min_steps: int = 0
     check_every: int = 1
     return_logits: bool = False
+    stream: Callable | None = None  # host function called after every decoding step (see `emit`)
+
+
+def emit(plan: _Plan, tokens, steps) -> None:
+    """Calls plan.stream on the host, in order, with the tokens final so far [batch, max_new_tokens] (-1 where not
+    yet), their count [batch] and the iterations each used [batch, max_new_tokens]; compiles to nothing if None."""
+    if plan.stream is not None:
+        io_callback(plan.stream, None, tokens, jnp.sum(tokens >= 0, axis=-1, dtype=jnp.int32), steps, ordered=True)
 
 
 @flax.struct.dataclass
@@ -211,6 +220,7 @@ def _generate(model, plan: _Plan, params, ids, lengths, stops, key, num_steps):
         out["logits"] = jnp.zeros((batch, new, model.config.vocab_size), jnp.float32).at[:, 0].set(res.logits[:, 0])
     finished = jnp.isin(token, stops)
     start = first + lengths  # buffer index of the first generated token
+    emit(plan, out["tokens"], out["steps"])
 
     def body(carry):
         n, cache, token, latent, finished, out = carry
@@ -225,6 +235,7 @@ def _generate(model, plan: _Plan, params, ids, lengths, stops, key, num_steps):
         if plan.return_logits:
             out["logits"] = out["logits"].at[:, n].set(jnp.where(finished[:, None], 0.0, res.logits[:, 0]))
         latent = jnp.where(finished[:, None, None], latent, res.latents)
+        emit(plan, out["tokens"], out["steps"])
         return n + 1, res.cache, token, latent, finished | jnp.isin(token, stops), out
 
     def cond(carry):
@@ -387,7 +398,7 @@ def generate(model: RecurrentDepthLM, params, prompts, *, max_new_tokens: int, l
              min_p: float | None = None, stop_tokens: Sequence[int] = (), seed: int = 0, cache_strategy: str = "full",
              padding_side: str = "left", continuous: bool = False, exit_criterion: str | None = None,
              exit_threshold: float | None = None, min_steps: int = 0, check_every: int = 1,
-             return_logits: bool = False) -> GenerateOutput:
+             return_logits: bool = False, stream: Callable | None = None) -> GenerateOutput:
     """Generates up to max_new_tokens tokens for each prompt with a KV cache, in one compiled loop.
 
     prompts: a list of token-id sequences (any lengths, padded on `padding_side`), or a [batch, length] int
@@ -405,6 +416,9 @@ def generate(model: RecurrentDepthLM, params, prompts, *, max_new_tokens: int, l
     exit_criterion: None (fixed depth) or one of 'entropy-diff', 'latent-diff', 'kl', 'minp-kl',
       'argmax-stability', 'cosine' (see recurrent_depth.exit_criteria), with exit_threshold (None: the
       original's default), checked after iteration min_steps + 1 and then every check_every iterations.
+    stream: a host function `stream(tokens, num_tokens, steps)` called after every token with the output so far
+      (numpy arrays shaped as GenerateOutput's; -1 where no token yet), e.g. to print tokens as they come; a new
+      function compiles anew, so pass the same one each time.
     """
     if not isinstance(min_steps, int) or min_steps < 0:
         raise ValueError(f"min_steps must be a non-negative integer, got {min_steps!r}")
@@ -414,7 +428,8 @@ def generate(model: RecurrentDepthLM, params, prompts, *, max_new_tokens: int, l
     plan, steps = _plan(model, max_new_tokens, num_steps, max_steps, init_scale,
                         Sampler(temperature, top_k, top_p, min_p), cache_strategy, padding_side,
                         continuous=bool(continuous), criterion=ExitCriterion.make(exit_criterion, exit_threshold),
-                        min_steps=min_steps, check_every=check_every, return_logits=bool(return_logits))
+                        min_steps=min_steps, check_every=check_every, return_logits=bool(return_logits),
+                        stream=stream)
     return _generate_jit(model, plan, nn.meta.unbox(params), ids, lengths, _stop_array(model, stop_tokens),
                          jax.random.key(seed), steps)
 

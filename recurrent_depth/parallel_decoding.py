@@ -31,7 +31,7 @@ state with the previous step's state d positions further on (the original slices
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import flax
 import flax.linen as nn
@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from recurrent_depth.decoding import (_ChunkPass, _Plan, _Runner, _plan, _positive_int, _prefill, _prompt_arrays,
-                                      _stop_array)
+                                      _stop_array, emit)
 from recurrent_depth.kv_cache import Chunk, KVCache
 from recurrent_depth.model import RecurrentDepthLM
 from recurrent_depth.sampling import Sampler
@@ -118,6 +118,16 @@ def _final_tokens(seq, first_new, last_final, stops, max_new: int):
     is_stop = jnp.isin(tokens, stops) & final
     keep = final & (jnp.cumsum(is_stop, axis=1) - is_stop == 0)  # up to and including the first stop token
     return jnp.where(keep, tokens, -1), keep.sum(axis=1, dtype=jnp.int32), jnp.any(is_stop, axis=1)
+
+
+def _token_iterations(iters, first_new, tokens, num_steps):
+    """(iterations, steps) [batch, max_new] of ParallelOutput for the final `tokens`, from iters [batch, buf]."""
+    batch, new = tokens.shape
+    j = jnp.arange(new)[None, :]
+    at = jnp.take_along_axis(iters, jnp.minimum(first_new[:, None] + j, iters.shape[1] - 1), axis=1)
+    iterations = jnp.where(tokens >= 0, at - jnp.where(j == 0, num_steps, 0), 0)
+    steps = jnp.where(tokens >= 0, jnp.concatenate([jnp.full((batch, 1), num_steps), iterations[:, :-1]], 1), 0)
+    return iterations, steps.astype(jnp.int32)
 
 
 class _Pass:
@@ -214,8 +224,8 @@ def _parallel(model, s: _Settings, params, ids, lengths, stops, key, knobs):
         by_fixed = jnp.where(active & (win.step > threshold_steps), jnp.minimum(h, grown[:, 0] - 1), 0)
         by = jnp.stack([by_latent, by_stable, by_fixed])[knobs["freeze"]]
         last_final = win.start + by
-        # final [batch, max_new] and num_final: what a streaming hook would show after this step
         final, num_final, stopped = _final_tokens(seq, first_new, last_final, stops, new)
+        emit(s.base, final, _token_iterations(iters, first_new, final, num_steps)[1])
         done = win.done | (active & ((last_final + 1 - first_new >= new) | ((win.step > num_steps) & stopped)))
         return _Window(step=win.step + 1, cache=cache.truncate(last_final), seq=seq, start=last_final,
                        size=grown[:, 0] - by, states=_shift(states, by), embeds=_shift(embeds, by),
@@ -227,12 +237,9 @@ def _parallel(model, s: _Settings, params, ids, lengths, stops, key, knobs):
 
     win = jax.lax.while_loop(cond, body, init)
     tokens, num_tokens, _ = _final_tokens(win.seq, first_new, win.start, stops, new)
-    j = jnp.arange(new)[None, :]
-    at = jnp.take_along_axis(win.iters, jnp.minimum(first_new[:, None] + j, buf - 1), axis=1)
-    iterations = jnp.where(tokens >= 0, at - jnp.where(j == 0, num_steps, 0), 0)
-    steps = jnp.where(tokens >= 0, jnp.concatenate([jnp.full((batch, 1), num_steps), iterations[:, :-1]], 1), 0)
-    return ParallelOutput(tokens=tokens, num_tokens=num_tokens, steps=steps.astype(jnp.int32),
-                          iterations=iterations, outer_steps=win.outer)
+    iterations, steps = _token_iterations(win.iters, first_new, tokens, num_steps)
+    return ParallelOutput(tokens=tokens, num_tokens=num_tokens, steps=steps, iterations=iterations,
+                          outer_steps=win.outer)
 
 
 _parallel_jit = jax.jit(_parallel, static_argnums=(0, 1))
@@ -251,7 +258,7 @@ def parallel_generate(model: RecurrentDepthLM, params, prompts, *, max_new_token
                       cache_strategy: str = "latest-m4-compress-s4", temperature: float = 0.0,
                       top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
                       stop_tokens: Sequence[int] = (), seed: int = 0, padding_side: str = "left",
-                      max_outer_steps: int = 4096) -> ParallelOutput:
+                      max_outer_steps: int = 4096, stream: Callable | None = None) -> ParallelOutput:
     """Generates up to max_new_tokens tokens per prompt with the parallel sampler (see the module docstring).
 
     prompts, lengths, padding_side, init_scale, temperature / top_k / top_p / min_p, seed, stop_tokens and
@@ -265,6 +272,7 @@ def parallel_generate(model: RecurrentDepthLM, params, prompts, *, max_new_token
     freeze: 'latent-diff' (with exit_threshold), 'token-stability' or 'fixed'.
     max_outer_steps: a bound on the outer steps (the original's max_diffusion_steps); unfinished sequences
       return the tokens that are final by then.
+    stream: as in `decoding.generate`, called after every outer step with the tokens final so far.
     """
     ids, lengths, max_new_tokens = _prompt_arrays(model, prompts, lengths, padding_side, max_new_tokens)
     max_wavefront = _positive_int("max_wavefront", max_wavefront)
@@ -279,7 +287,7 @@ def parallel_generate(model: RecurrentDepthLM, params, prompts, *, max_new_token
         raise ValueError(f"exit_threshold must be a non-negative number, got {exit_threshold!r}")
     num_steps = _positive_int("num_steps", model.config.mean_recurrence if num_steps is None else num_steps)
     base, steps = _plan(model, max_new_tokens, num_steps, max(num_steps, inner_steps), init_scale,
-                        Sampler(temperature, top_k, top_p, min_p), cache_strategy, padding_side)
+                        Sampler(temperature, top_k, top_p, min_p), cache_strategy, padding_side, stream=stream)
     if base.strategy.slots is not None:  # a ring of slots: one compilation for every num_steps and inner_steps
         base = dataclasses.replace(base, cache_steps=1)
     settings = _Settings(base=base, window=min(max_wavefront, model.config.max_seq_len))
