@@ -133,6 +133,17 @@ def test_decode_iterations_matches_the_original_at_every_depth(tiny):
     assert _decode_jit._cache_size() == compiled
 
 
+def test_decode_iterations_draws_the_initial_state_as_the_forward_pass(tiny):
+    """Without input_states the state is drawn from `seed` as model.apply draws it with rngs={"state": key(seed)}."""
+    model, params = tiny
+    ids = np.arange(1, 9)[None]
+    out = decode_iterations(model, params, ids, 3, init_scale=1.0, seed=7, return_logits=True)
+    forward = jax.jit(lambda: model.apply({"params": params}, ids, 3, init_scale=1.0,
+                                          rngs={"state": jax.random.key(7)}).logits)
+    assert_close(out.logits[-1], forward(), rtol=1e-6, name="random initial state, r=3")
+    assert float(jnp.abs(out.initial_state).max()) > 0
+
+
 def test_decode_iterations_rejects_bad_input(tiny):
     model, params = tiny
     ids = np.ones((1, 4), np.int32)
