@@ -10,7 +10,6 @@ import pytest
 
 from conftest import FIXTURES, TINY, assert_close
 from recurrent_depth.attention import attention_mask
-from recurrent_depth.hf import from_huggingface
 from recurrent_depth.inspect import decode_iterations, pca, relative_change
 from recurrent_depth.inspect.cli import main
 from recurrent_depth.inspect.decode import _decode_jit

@@ -123,8 +123,8 @@ def summary(inspection: Inspection, text: Callable[[int], str]) -> dict:
         })
     return {
         "num_steps": inspection.num_steps, "num_inits": inspection.num_inits, "init_scale": inspection.init_scale,
-        "seed": inspection.seed, "token_ids": inspection.token_ids, "iterations": list(range(1, inspection.num_steps + 1)),
-        "positions": positions,
+        "seed": inspection.seed, "token_ids": inspection.token_ids,
+        "iterations": list(range(1, inspection.num_steps + 1)), "positions": positions,
         "trajectories": {str(p): {"explained_variance": np.round(inspection.explained[p], 6).tolist()}
                          for p in inspection.positions},
     }
