@@ -9,6 +9,7 @@ memory does not depend on `n`), then `k` iterations with gradient (`nn.scan`, ea
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax
@@ -24,10 +25,21 @@ from recurrent_depth.layers import RMSNorm, SandwichBlock, constrain, dense, par
 
 
 @flax.struct.dataclass
+class HiddenStates:
+    """The output of every layer of one forward pass (the residual stream after each block, before any final norm;
+    `core[i, -1]` is the raw state after iteration i + 1, whose ln_f is `trajectory[i]`)."""
+
+    prelude: jax.Array  # [num_prelude_layers, batch, seq, embed]; prelude[-1] is the injected input e
+    core: jax.Array  # [steps, num_core_layers, batch, seq, embed]
+    coda: jax.Array  # [num_coda_layers, batch, seq, embed]; ln_f(coda[-1]) goes into the head
+
+
+@flax.struct.dataclass
 class ModelOutput:
     logits: jax.Array  # [batch, seq, vocab] float32
     latents: jax.Array  # [batch, seq, embed] final state after the final norm (before the coda)
     trajectory: jax.Array | None = None  # [steps, batch, seq, embed] normed state after each iteration
+    hidden_states: HiddenStates | None = None  # every layer's output (return_hidden_states=True)
 
 
 class CoreBlock(nn.Module):
@@ -50,17 +62,28 @@ class CoreBlock(nn.Module):
         injected = dense("bte,ef->btf", e, self.adapter[1], self.config.compute_dtype, e.dtype)
         return constrain(injected, ("batch", "length", "act_embed"))
 
-    def __call__(self, state, injected, cos, sin, mask, cache=None):
+    def __call__(self, state, injected, cos, sin, mask, cache=None, return_layers: bool = False):
         """One iteration.  With `cache` (a KVStore at the first core layer) returns (state, cache)."""
         x = dense("bte,ef->btf", state, self.adapter[0], self.config.compute_dtype, state.dtype) + injected
         # Without this constraint XLA's SPMD partitioner (jax 0.10, CPU) miscompiled the following block when the
         # adapter is sharded over (fsdp, tensor): the sharded-vs-single-device tests catch it.
         x = constrain(x, ("batch", "length", "act_embed"))
         if cache is None:
-            for layer in self.layers:
-                x = layer(x, cos, sin, mask)
-            return x
+            x, layers = _run_layers(self.layers, x, cos, sin, mask, return_layers)
+            return (x, layers) if return_layers else x  # layers: [num_core_layers, batch, seq, embed]
         return _run_cached(self.layers, x, cos, sin, mask, cache)
+
+
+def _run_layers(layers, x, cos, sin, mask, return_layers: bool = False):
+    """Runs consecutive layers; returns the output and, if asked, each layer's output [layers, batch, seq, embed]
+    (else None)."""
+    outputs = []
+    for layer in layers:
+        x = layer(x, cos, sin, mask)
+        outputs.append(x)
+    if not return_layers:
+        return x, None
+    return x, jnp.stack(outputs) if outputs else jnp.zeros((0, *x.shape), x.dtype)
 
 
 def _run_cached(layers, x, cos, sin, mask, cache):
@@ -79,15 +102,19 @@ REMAT_POLICIES = {
 }
 
 
-def _scan_body(core, state, injected, cos, sin, mask):
+def _scan_body(core, state, injected, cos, sin, mask, return_layers=False):
+    """One iteration; emits the new state, or with `return_layers` every core layer's output."""
+    if return_layers:
+        return core(state, injected, cos, sin, mask, return_layers=True)
     new_state = core(state, injected, cos, sin, mask)
     return new_state, new_state
 
 
-def _masked_scan_body(core, state, active, injected, cos, sin, mask):
+def _masked_scan_body(core, state, active, injected, cos, sin, mask, return_layers=False):
     """An iteration that leaves the state unchanged where `active` is False (traced gradient-iteration counts)."""
-    new_state = jnp.where(active, core(state, injected, cos, sin, mask), state)
-    return new_state, new_state
+    new_state, ys = _scan_body(core, state, injected, cos, sin, mask, return_layers)
+    new_state = jnp.where(active, new_state, state)
+    return new_state, jnp.where(active, ys, state) if return_layers else new_state
 
 
 def _stop_gradient_params(fn):
@@ -117,19 +144,19 @@ class RecurrentDepthLM(nn.Module):
                                  ("embed", "vocab"), cfg.weight_dtype)
 
     # ---- pieces (also used by decoding) -------------------------------------------------------
-    def embed(self, input_ids, cos, sin, mask, cache=None):
+    def embed(self, input_ids, cos, sin, mask, cache=None, return_layers: bool = False):
         """Token embedding times sqrt(hidden), then the prelude.  [batch, seq] -> [batch, seq, embed].
 
-        With `cache` (a KVStore at the first prelude layer, see layers.KVStore) returns (x, cache).
+        With `cache` (a KVStore at the first prelude layer, see layers.KVStore) returns (x, cache); with
+        `return_layers`, (x, every prelude layer's output [num_prelude_layers, batch, seq, embed]).
         """
         cfg = self.config
         x = jnp.take(self.embedding, input_ids, axis=0).astype(cfg.stream_dtype) * cfg.embed_scale
         x = constrain(x, ("batch", "length", "act_embed"))
         if cache is not None:
             return _run_cached(self.prelude, x, cos, sin, mask, cache)
-        for layer in self.prelude:
-            x = layer(x, cos, sin, mask)
-        return x
+        x, layers = _run_layers(self.prelude, x, cos, sin, mask, return_layers)
+        return (x, layers) if return_layers else x
 
     def inject(self, e):
         """The prelude output's share of the adapter (see CoreBlock.inject)."""
@@ -150,11 +177,13 @@ class RecurrentDepthLM(nn.Module):
         noise = jax.random.truncated_normal(self.make_rng("state"), -3.0, 3.0, e.shape, jnp.float32)
         return (noise * (cfg.resolved_state_init_std * init_scale * cfg.embed_scale)).astype(e.dtype)
 
-    def iterate(self, state, e, cos, sin, mask, num_steps, return_trajectory: bool = False):
+    def iterate(self, state, e, cos, sin, mask, num_steps, return_trajectory: bool = False,
+                return_layers: bool = False):
         """Runs the recurrence.  num_steps: an int, all without gradient, or (n, k); n and k may be traced
         (a traced k must not exceed config.mean_backprop_depth).
 
-        Returns the final raw state and, if asked, the raw state after every iteration [steps, b, s, e].
+        Returns the final raw state and, if asked, the raw state after every iteration [steps, b, s, e] (with
+        `return_layers`: every core layer's output at every iteration [steps, num_core_layers, b, s, e]).
         """
         n, k = num_steps if isinstance(num_steps, tuple) else (num_steps, 0)
         for value in (n, k):
@@ -162,8 +191,10 @@ class RecurrentDepthLM(nn.Module):
                 raise ValueError(f"num_steps must be non-negative, got {num_steps}")
             if not _is_static_int(value) and jnp.ndim(value) != 0:
                 raise ValueError(f"num_steps must hold integer scalars, got {num_steps}")
+        return_trajectory = return_trajectory or return_layers
         if return_trajectory and not (_is_static_int(n) and _is_static_int(k)):
-            raise ValueError("return_trajectory needs a static (Python int) number of iterations")
+            raise ValueError("return_trajectory and return_hidden_states need a static (Python int) number of "
+                             "iterations")
         injected = self.core.inject(e)
         if self.is_initializing():  # create the core's parameters outside the loops
             self.core(state, injected, cos, sin, mask)
@@ -171,7 +202,8 @@ class RecurrentDepthLM(nn.Module):
         if not (_is_static_int(n) and n == 0):
             frozen = [jax.lax.stop_gradient(a) for a in (state, injected)]
             if return_trajectory:
-                scan = nn.scan(_stop_gradient_params(_scan_body), variable_broadcast="params",
+                body = functools.partial(_scan_body, return_layers=return_layers)
+                scan = nn.scan(_stop_gradient_params(body), variable_broadcast="params",
                                split_rngs={"params": False}, in_axes=(nn.broadcast,) * 4, length=n)
                 state, ys = scan(self.core, frozen[0], frozen[1], cos, sin, mask)
                 states.append(ys)
@@ -181,7 +213,7 @@ class RecurrentDepthLM(nn.Module):
         length = k if _is_static_int(k) else self.config.mean_backprop_depth
         if length > 0:
             active = jnp.arange(length) >= length - k
-            body = _masked_scan_body
+            body = functools.partial(_masked_scan_body, return_layers=return_layers)
             if self.config.remat_policy != "everything":
                 body = nn.remat(body, prevent_cse=False, policy=REMAT_POLICIES[self.config.remat_policy])
             scan = nn.scan(body, variable_broadcast="params",
@@ -190,7 +222,8 @@ class RecurrentDepthLM(nn.Module):
             states.append(ys)
         trajectory = None
         if return_trajectory:
-            trajectory = jnp.concatenate(states, axis=0) if states else jnp.zeros((0, *state.shape), state.dtype)
+            empty = (0, self.config.num_core_layers, *state.shape) if return_layers else (0, *state.shape)
+            trajectory = jnp.concatenate(states, axis=0) if states else jnp.zeros(empty, state.dtype)
         return state, trajectory
 
     def _no_grad_loop(self, state, injected, cos, sin, mask, n):
@@ -208,22 +241,21 @@ class RecurrentDepthLM(nn.Module):
 
         return _stop_gradient_params(loop)(self.core, state)
 
-    def decode(self, state, cos, sin, mask):
-        """ln_f, coda, ln_f again (same weights), tied head.  Returns (float32 logits, normed latents)."""
-        y, latents = self.run_coda(state, cos, sin, mask)
-        return constrain(self.head(y), ("batch", "length", "act_vocab")), latents
+    def decode(self, state, cos, sin, mask, return_layers: bool = False):
+        """ln_f, coda, ln_f again (same weights), tied head.  Returns (float32 logits, normed latents), with
+        `return_layers` also every coda layer's output [num_coda_layers, batch, seq, embed]."""
+        y, latents, *layers = self.run_coda(state, cos, sin, mask, return_layers=return_layers)
+        return constrain(self.head(y), ("batch", "length", "act_vocab")), latents, *layers
 
-    def run_coda(self, state, cos, sin, mask, cache=None):
+    def run_coda(self, state, cos, sin, mask, cache=None, return_layers: bool = False):
         """ln_f, coda, ln_f again.  Returns (y, normed latents) [batch, seq, embed] each; with `cache` (a KVStore
-        at the first coda layer) also the updated cache."""
+        at the first coda layer) also the updated cache; with `return_layers` also every coda layer's output."""
         latents = self.ln_f(state)
         if cache is not None:
             y, cache = _run_cached(self.coda, latents, cos, sin, mask, cache)
             return self.ln_f(y), latents, cache
-        y = latents
-        for layer in self.coda:
-            y = layer(y, cos, sin, mask)
-        return self.ln_f(y), latents
+        y, layers = _run_layers(self.coda, latents, cos, sin, mask, return_layers)
+        return (self.ln_f(y), latents, layers) if return_layers else (self.ln_f(y), latents)
 
     def head(self, y):
         """Tied (or separate) output head, float32 logits.  [..., embed] -> [..., vocab]."""
@@ -234,7 +266,7 @@ class RecurrentDepthLM(nn.Module):
 
     # ---- the full forward pass ----------------------------------------------------------------
     def __call__(self, input_ids, num_steps: Any = None, *, input_states=None, init_scale=None, positions=None,
-                 segment_ids=None, return_trajectory: bool = False) -> ModelOutput:
+                 segment_ids=None, return_trajectory: bool = False, return_hidden_states: bool = False) -> ModelOutput:
         """Forward pass over a batch of token ids [batch, seq].
 
         num_steps: iterations of the core block; an int (Python or traced) runs them all without gradient
@@ -246,6 +278,8 @@ class RecurrentDepthLM(nn.Module):
         positions: RoPE positions [batch, seq] (default 0..seq-1).
         segment_ids: [batch, seq] document ids; attention stays within a document (document masking).
         return_trajectory: also return the normed state after every iteration (static iteration counts only).
+        return_hidden_states: also return every prelude, core (at every iteration) and coda layer's output
+          (`HiddenStates`; static iteration counts only).  Both flags are static: off, they cost nothing.
         """
         cfg = self.config
         batch, seq_len = input_ids.shape
@@ -259,18 +293,24 @@ class RecurrentDepthLM(nn.Module):
         cos, sin = rope_angles(positions, cfg.resolved_head_dim, cfg.rope_base)
         mask = attention_mask(cfg.attention_impl, seq_len, segment_ids)
 
-        e = self.embed(input_ids, cos, sin, mask)
+        e = self.embed(input_ids, cos, sin, mask, return_layers=return_hidden_states)
+        e, prelude = e if return_hidden_states else (e, None)
         if input_states is None:
             state = self.initial_state(e, init_scale)
         else:
             if input_states.shape != e.shape:
                 raise ValueError(f"input_states must have shape {e.shape}, got {input_states.shape}")
             state = input_states.astype(e.dtype)
-        state, trajectory = self.iterate(state, e, cos, sin, mask, num_steps, return_trajectory)
-        logits, latents = self.decode(state, cos, sin, mask)
+        state, trajectory = self.iterate(state, e, cos, sin, mask, num_steps, return_trajectory,
+                                         return_layers=return_hidden_states)
+        logits, latents, *coda = self.decode(state, cos, sin, mask, return_layers=return_hidden_states)
+        hidden = None
+        if return_hidden_states:
+            hidden = HiddenStates(prelude=prelude, core=trajectory, coda=coda[0])
+            trajectory = trajectory[:, -1] if return_trajectory else None
         if trajectory is not None:
             trajectory = self.ln_f(trajectory)
-        return ModelOutput(logits=logits, latents=latents, trajectory=trajectory)
+        return ModelOutput(logits=logits, latents=latents, trajectory=trajectory, hidden_states=hidden)
 
 
 def check_token_ids(input_ids, vocab_size: int):

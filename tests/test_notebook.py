@@ -23,7 +23,8 @@ def test_quickstart_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
                                      resources={"metadata": {"path": str(tmp_path)}})
     client.execute()  # raises CellExecutionError, with the cell and its traceback, if any cell fails
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
-    assert sum("image/png" in o.get("data", {}) for o in outputs) == 3  # accuracy, adaptive exit, trajectory
+    # accuracy, adaptive exit, trajectory; then the inspect section's convergence, top tokens, PCA trajectories
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 6
     text = "".join(o.get("text", "") for o in outputs)
-    assert "r=32:" in text and "iterations on average" in text
+    assert "r=32:" in text and "iterations on average" in text and "12 swaps, after 1..16 iterations:" in text
     assert (tmp_path / "quickstart_run" / "checkpoints").is_dir()  # trained here: no demo checkpoint in tmp_path

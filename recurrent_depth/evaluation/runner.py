@@ -56,7 +56,7 @@ def parse_mesh(text: str | Sequence[int]) -> tuple[int, ...]:
     return sharding.resolve_mesh_shape(shape, jax.device_count())
 
 
-def _run_config(checkpoint: epath.Path, config_file: str | None) -> ml_collections.ConfigDict | None:
+def checkpoint_run_config(checkpoint: epath.Path, config_file: str | None) -> ml_collections.ConfigDict | None:
     """The --config file's config, else a train.py workdir's own run config, else None."""
     if config_file:
         return load_config_file(config_file)
@@ -87,7 +87,7 @@ def load_eval_model(checkpoint: str | os.PathLike, *, tokenizer: str | None = No
     """A checkpoint (HF directory, parameter checkpoint or train.py workdir) with its tokenizer, sharded over a
     (data, fsdp, tensor) mesh of all devices; checked against `config` (a config file) if given."""
     checkpoint = as_path(checkpoint)
-    run_config = _run_config(checkpoint, config)
+    run_config = checkpoint_run_config(checkpoint, config)
     text = find_tokenizer(checkpoint, tokenizer, run_config)  # before the (slow) model load
     mesh = sharding.make_mesh(parse_mesh(mesh if mesh is not None else DEFAULT_MESH))
     has_rules = run_config is not None and run_config.get("mesh") is not None
@@ -154,7 +154,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, tasks: Sequence[str | Tas
     if not as_path(checkpoint).exists():
         raise FileNotFoundError(f"checkpoint {checkpoint} does not exist (a train.py workdir, a parameter "
                                 f"checkpoint or a Hugging Face directory)")
-    run_config = _run_config(as_path(checkpoint), config)
+    run_config = checkpoint_run_config(as_path(checkpoint), config)
     defaults = run_config.get("eval") if run_config is not None else None
     defaults = defaults if defaults is not None else ml_collections.ConfigDict()
     if not tasks:
