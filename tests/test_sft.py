@@ -77,8 +77,8 @@ def test_system_prompt_is_added_to_conversations_without_one():
 
 def test_huginn_template_labels_are_the_huginn_turns(tmp_path):
     tok = train_huginn_style_tokenizer(tmp_path, "What is two plus two? It is four. Be brief.")
-    config = _chat_config(_write(tmp_path / "c.jsonl", [{"question": "What is two plus two?", "answer": "It is four."}]),
-                          system_prompt="Be brief.")
+    rows = [{"question": "What is two plus two?", "answer": "It is four."}]
+    config = _chat_config(_write(tmp_path / "c.jsonl", rows), system_prompt="Be brief.")
     config.tokenizer.update(kind="huggingface", path=str(tmp_path))
     batch = next(iter(make_dataset(config, batch_size=1, seq_len=63, vocab_size=512, seed=0)))
     labels = batch["labels"][0]
