@@ -16,6 +16,7 @@ from recurrent_depth.chat_template import render_chat
 from recurrent_depth.config import ConfigError, load_config_file
 from recurrent_depth.data import make_dataset
 from recurrent_depth.losses import IGNORE_INDEX
+from recurrent_depth.optim import make_schedule
 from recurrent_depth.run_config import validate_run_config
 from recurrent_depth.shell_game import ShellGameTokenizer
 from recurrent_depth.training import Trainer, check_init_from
@@ -173,6 +174,10 @@ def test_sft_huginn_is_the_original_recipe(tmp_path):
     assert (opt.name, opt.peak_learning_rate, opt.weight_decay, opt.b1, opt.b2, opt.schedule) == \
         ("adamw", 5e-7, 0.0, 0.9, 0.95, "wsd")
     assert (opt.warmup_steps, opt.decay_steps, opt.end_learning_rate) == (23, 23, pytest.approx(5e-10))
+    validate_run_config(config)  # the released shape as it stands
+    lr = make_schedule(opt.schedule, opt.peak_learning_rate, opt.warmup_steps, 234, opt.decay_steps,
+                       opt.end_learning_rate)
+    assert [float(lr(s)) for s in (0, 23, 211, 234)] == pytest.approx([0, 5e-7, 5e-7, 5e-10], rel=1e-5)
     config.train.steps = 1000
     assert (opt.warmup_steps, opt.decay_steps) == (100, 100)
     assert (config.train.batch_size, config.model.mean_recurrence, config.model.mean_backprop_depth,
