@@ -20,7 +20,7 @@ Tasks (`--tasks`, comma-separated), each `KIND:TARGET[:KEY=VALUE...]`:
              are the examples), chat=true (huginn-0125's chat template, examples as turns), system=TEXT,
              max_new_tokens=256, limit=N.
   shell:MIN-MAX  held-out problems of the demo's shell game (recurrent_depth.shell_game) with MIN..MAX
-             swaps: acc.  Options: size=512, seed=0.
+             swaps: acc.  Options: size=512, seed=0, chat=true (the chat variant's prompt, configs/sft_demo.py).
   rg:NAME    a reasoning-gym dataset (basic_arithmetic, gsm_symbolic, ...) generated offline with seed and size,
              scored by its own checker.  Options: size=100, seed=0, k, chat, system, max_new_tokens=64, and any
              dataset setting (e.g. max_terms=3).

@@ -41,12 +41,12 @@ def _role(message: dict) -> str:
     if not isinstance(message, dict) or "role" not in message or "content" not in message:
         raise ValueError(f"a chat message needs 'role' and 'content', got {message!r}")
     role = message["role"]
+    if not isinstance(message["content"], str):
+        raise ValueError(f"chat message content must be a string, got {type(message['content']).__name__}")
     if role in _ASSISTANT_ALIASES:
         return "assistant"
     if role not in ROLES:
         raise ValueError(f"unknown chat role {role!r}; valid roles: {ROLES} ('Huginn' = assistant)")
-    if not isinstance(message["content"], str):
-        raise ValueError(f"chat message content must be a string, got {type(message['content']).__name__}")
     return role
 
 

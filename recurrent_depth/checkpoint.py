@@ -19,7 +19,7 @@ from etils import epath
 
 from recurrent_depth.config import ModelConfig
 from recurrent_depth.hf import CONFIG_FILE as HF_CONFIG_FILE
-from recurrent_depth.hf import CheckpointError, from_huggingface
+from recurrent_depth.hf import CheckpointError, from_huggingface, load_hf_config
 from recurrent_depth.model import RecurrentDepthLM, init_params
 from recurrent_depth.paths import as_path, check_bucket
 
@@ -108,28 +108,42 @@ def load_workdir_params(workdir: str | os.PathLike, shardings=None) -> tuple[Rec
     return RecurrentDepthLM(config), state["params"]
 
 
+def _checkpoint_kind(path: epath.Path) -> str:
+    """'workdir', 'huggingface' or 'params': what `load_model` finds at `path`; FileNotFoundError if none."""
+    if (path / RUN_CONFIG_FILE).exists() and (path / CHECKPOINTS_DIR).is_dir():
+        return "workdir"
+    if (path / HF_CONFIG_FILE).exists():
+        return "huggingface"
+    if (path / CONFIG_FILE).exists():
+        return "params"
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    raise FileNotFoundError(f"{path} is neither a Hugging Face checkpoint ({HF_CONFIG_FILE}), a parameter "
+                            f"checkpoint ({CONFIG_FILE}) nor a train.py workdir ({RUN_CONFIG_FILE} + {CHECKPOINTS_DIR}/)")
+
+
+def load_model_config(path: str | os.PathLike) -> ModelConfig:
+    """The model config of what `load_model(path)` loads, from its config file alone (no parameter is read)."""
+    path = as_path(path)
+    kind = _checkpoint_kind(path)
+    if kind == "workdir":
+        return ModelConfig.from_dict(json.loads((path / RUN_CONFIG_FILE).read_text())["model"])
+    return load_hf_config(path) if kind == "huggingface" else load_config(path)
+
+
 def load_model(path: str | os.PathLike, dtype: str | None = None, shardings=None) -> tuple[RecurrentDepthLM, dict]:
     """Loads a Hugging Face checkpoint directory (config.json), a parameter checkpoint (model_config.json) or the
     newest checkpoint of a train.py workdir (config.json + checkpoints/), local or gs://, each array straight
     into `shardings` (a tree of shardings or a function of the config such as `param_shardings(mesh)`)."""
     path = as_path(path)
-    if (path / RUN_CONFIG_FILE).exists() and (path / CHECKPOINTS_DIR).is_dir():
-        model, params = load_workdir_params(path, shardings)
-    elif (path / HF_CONFIG_FILE).exists():
+    kind = _checkpoint_kind(path)
+    if kind == "huggingface":
         return from_huggingface(path, dtype=dtype or "float32", shardings=shardings)
-    elif (path / CONFIG_FILE).exists():
-        model, params = load_params(path, shardings)
-    else:
-        model = None
-    if model is not None:
-        if dtype is not None:  # a cast keeps each array's sharding
-            params = jax.tree.map(lambda x: x.astype(dtype), params)
-            model = RecurrentDepthLM(model.config.replace(dtype=dtype, param_dtype=dtype))
-        return model, params
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    raise FileNotFoundError(f"{path} is neither a Hugging Face checkpoint ({HF_CONFIG_FILE}), a parameter "
-                            f"checkpoint ({CONFIG_FILE}) nor a train.py workdir ({RUN_CONFIG_FILE} + {CHECKPOINTS_DIR}/)")
+    model, params = load_workdir_params(path, shardings) if kind == "workdir" else load_params(path, shardings)
+    if dtype is not None:  # a cast keeps each array's sharding
+        params = jax.tree.map(lambda x: x.astype(dtype), params)
+        model = RecurrentDepthLM(model.config.replace(dtype=dtype, param_dtype=dtype))
+    return model, params
 
 
 class TrainCheckpointer:

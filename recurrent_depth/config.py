@@ -183,6 +183,13 @@ def data_config() -> ml_collections.ConfigDict:
     config.eval_sources = ()  # held-out sources for the periodic evaluation (generated tasks: another seed)
     config.tokenizer = ml_collections.ConfigDict({"kind": "sentencepiece", "path": ""})
     config.document_masking = True  # attention and targets stay within documents (the original has no masking)
+    # Chat sources (data.kind='chat', or kind 'chat' in a mixture; see recurrent_depth.chat_data).
+    config.chat = ml_collections.ConfigDict({
+        "system_prompt": "",  # the system turn of conversations without one ('': none)
+        "loss_tokens": "assistant",  # which targets count: 'assistant' (its replies and turn ends) or 'all'
+        "truncate": False,  # cut conversations longer than seq_len + 1 tokens (the original's recipe), not reject
+        "skip_malformed": False,  # skip (and count, in a warning) malformed rows instead of raising
+    })
     return config
 
 
@@ -252,14 +259,15 @@ def base_config() -> ml_collections.ConfigDict:
     return config
 
 
-def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
-    """`get_config()` of a config file such as configs/tiny.py (what `--config=` loads)."""
+def load_config_file(path: str | os.PathLike, spec: str | None = None) -> ml_collections.ConfigDict:
+    """`get_config()` of a config file such as configs/tiny.py (what `--config=` loads); `get_config(spec)` with a
+    spec (what `--config=FILE:SPEC` loads)."""
     import importlib.util
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"config file {path} does not exist")
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    module_spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config() if spec is None else module.get_config(spec)

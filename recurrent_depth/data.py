@@ -45,8 +45,8 @@ from recurrent_depth.shell_game import ShellGameTokenizer, shell_game_batch
 from recurrent_depth.synthetic import progression_batch
 from recurrent_depth.tokenizer import Tokenizer, load_tokenizer
 
-SOURCE_KINDS = ("text", "jsonl", "array_record")
-DATA_KINDS = ("synthetic", "shell_game", "mixture")
+SOURCE_KINDS = ("text", "jsonl", "array_record", "chat")  # chat: recurrent_depth.chat_data
+DATA_KINDS = ("synthetic", "shell_game", "mixture", "chat")  # chat: a mixture of chat sources only
 MIX_PERIOD = 1000  # slots of the per-row source pattern: weights are honoured to 1 / MIX_PERIOD
 # Batches computed ahead by grain's threads while the device runs the current step.
 READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
@@ -117,8 +117,9 @@ def _utf8(data: bytes, path: epath.Path, offset: int) -> str:
         raise ValueError(f"{path}:{_line_number(path, offset + err.start)}: not UTF-8 text") from None
 
 
-def _jsonl_range(path: epath.Path, lo: int, hi: int, text_field: str) -> Iterator[str]:
-    """The `text_field` of each JSONL line that starts in bytes [lo, hi)."""
+def jsonl_lines(path: epath.Path, lo: int, hi: int) -> Iterator[tuple[int, Callable[[], str], bytes]]:
+    """(offset, where, line) of each non-blank line that starts in bytes [lo, hi); `where()` names the file and
+    line (it reads the file up to there: call it for errors only)."""
     with path.open("rb") as f:
         pos = _first_line_at(f, lo)
         while pos < hi:
@@ -126,12 +127,17 @@ def _jsonl_range(path: epath.Path, lo: int, hi: int, text_field: str) -> Iterato
             if not line:
                 break
             if line.strip():
-                where = functools.partial(lambda at: f"{path}:{_line_number(path, at)}", pos)
-                record = _json_object(line, where)
-                if text_field not in record:
-                    raise ValueError(f"{where()}: no field {text_field!r}")
-                yield str(record[text_field])
+                yield pos, functools.partial(lambda at: f"{path}:{_line_number(path, at)}", pos), line
             pos += len(line)
+
+
+def _jsonl_range(path: epath.Path, lo: int, hi: int, text_field: str) -> Iterator[str]:
+    """The `text_field` of each JSONL line that starts in bytes [lo, hi)."""
+    for _, where, line in jsonl_lines(path, lo, hi):
+        record = _json_object(line, where)
+        if text_field not in record:
+            raise ValueError(f"{where()}: no field {text_field!r}")
+        yield str(record[text_field])
 
 
 def _text_range(path: epath.Path, lo: int, hi: int) -> Iterator[str]:
@@ -166,17 +172,24 @@ def read_shard(kind: str, files: Sequence[epath.Path], shard: int, num_shards: i
     concatenation; reads only that range (and the end of its last document).  The shards partition the corpus."""
     if kind not in ("text", "jsonl"):
         raise ValueError(f"read_shard reads text or jsonl files, not {kind!r}")
+    docs = []
+    for file, a, b in byte_ranges(files, shard, num_shards):
+        docs += _text_range(file, a, b) if kind == "text" else _jsonl_range(file, a, b, text_field)
+    return docs
+
+
+def byte_ranges(files: Sequence[epath.Path], shard: int, num_shards: int) -> Iterator[tuple[epath.Path, int, int]]:
+    """(file, lo, hi): the parts of byte range `shard` of `num_shards` of the files' concatenation, per file."""
     files = [epath.Path(f) for f in files]
     sizes = [f.stat().length for f in files]
     total = sum(sizes)
     lo, hi = shard * total // num_shards, (shard + 1) * total // num_shards
-    docs, start = [], 0
+    start = 0
     for file, size in zip(files, sizes):
         a, b = max(lo - start, 0), min(hi - start, size)
         if a < b:
-            docs += _text_range(file, a, b) if kind == "text" else _jsonl_range(file, a, b, text_field)
+            yield file, a, b
         start += size
-    return docs
 
 
 def read_documents(kind: str, files: Sequence[epath.Path], text_field: str = "text") -> list[str]:
@@ -254,8 +267,9 @@ class _Lane:
             self._epochs[epoch] = cached
         return cached
 
-    def row(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(tokens, segment ids, positions) [row_len] of row k: one segment per document piece."""
+    def row(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(tokens, segment ids, positions, loss mask) [row_len] of row k: one segment per document piece; every
+        token is a target."""
         pieces = []
         pos, end = k * self.row_len, (k + 1) * self.row_len
         while pos < end:
@@ -269,7 +283,7 @@ class _Lane:
             pos += n
         segments = np.concatenate([np.full(len(p), s, np.int32) for s, p in enumerate(pieces, 1)])
         positions = np.concatenate([np.arange(len(p), dtype=np.int32) for p in pieces])
-        return np.concatenate(pieces), segments, positions
+        return np.concatenate(pieces), segments, positions, np.ones(self.row_len, bool)
 
 
 class _Schedule:
@@ -309,8 +323,8 @@ class _Schedule:
 class _MixtureBatch:
     """step -> this process's rows of the global batch, as model inputs [rows, seq]."""
 
-    def __init__(self, lanes: dict[int, list[_Lane]], schedule: _Schedule, document_masking: bool):
-        self.lanes, self.schedule = lanes, schedule  # lanes: global row -> one _Lane per source
+    def __init__(self, lanes: dict[int, list], schedule: _Schedule, document_masking: bool):
+        self.lanes, self.schedule = lanes, schedule  # lanes: global row -> one lane (_Lane, ChatLane) per source
         self.to_model = _ToModelBatch(document_masking)
 
     def __call__(self, step: int) -> dict:
@@ -318,12 +332,14 @@ class _MixtureBatch:
         for j, per_source in self.lanes.items():
             source, k = self.schedule(j, step)
             rows.append(per_source[source].row(k))
-        tokens, segments, positions = (np.stack(x) for x in zip(*rows))
-        return self.to_model({"tokens": tokens, "tokens_segment_ids": segments, "tokens_positions": positions})
+        tokens, segments, positions, loss_mask = (np.stack(x) for x in zip(*rows))
+        return self.to_model({"tokens": tokens, "tokens_segment_ids": segments, "tokens_positions": positions,
+                              "tokens_loss_mask": loss_mask})
 
 
 class _ToModelBatch:
-    """Packed rows [batch, seq+1] -> {inputs, labels, segment_ids, positions} [batch, seq]."""
+    """Packed rows [batch, seq+1] -> {inputs, labels, segment_ids, positions} [batch, seq]; a label is IGNORE_INDEX
+    where its token is padding, outside the loss mask (if given) or, with document masking, in another document."""
 
     def __init__(self, document_masking: bool):
         self.document_masking = document_masking
@@ -333,6 +349,8 @@ class _ToModelBatch:
         inputs, labels = tokens[:, :-1], tokens[:, 1:]
         seg_in, seg_out = segments[:, :-1], segments[:, 1:]
         keep = seg_out > 0  # padding never counts in the loss
+        if "tokens_loss_mask" in rows:  # e.g. only the assistant's tokens of a conversation
+            keep &= rows["tokens_loss_mask"][:, 1:]
         if self.document_masking:  # and no prediction across a document boundary
             keep &= seg_out == seg_in
             batch = {"segment_ids": seg_in, "positions": positions[:, :-1]}
@@ -365,6 +383,7 @@ def make_dataset(config: ml_collections.ConfigDict, *, batch_size: int, seq_len:
     dataset whose iterator state is the step); the global batches do not depend on the process count.
 
     `config` is the `data` section; `sources` overrides `config.sources` (e.g. with the held-out sources).
+    Chat sources (data.kind 'chat', or kind 'chat' in a mixture) are read by recurrent_depth.chat_data.
     """
     if batch_size % process_count:
         raise ValueError(f"the batch size {batch_size} is not divisible by {process_count} processes")
@@ -378,18 +397,33 @@ def make_dataset(config: ml_collections.ConfigDict, *, batch_size: int, seq_len:
             raise ValueError(f"the shell game has {ShellGameTokenizer.vocab_size} tokens but the model only "
                              f"{vocab_size}")
         return _by_step(_LocalRows(functools.partial(shell_game_batch, batch_size, seq_len, seed), lo, rows))
-    if config.kind != "mixture":
+    if config.kind not in ("mixture", "chat"):
         raise ValueError(f"unknown data.kind {config.kind!r}; valid kinds: {DATA_KINDS}")
     sources = config.sources if sources is None else sources
     if not sources:
         raise ValueError("data.sources is empty: give at least one {kind, paths, weight} source")
-    sources = [ml_collections.ConfigDict(s) for s in sources]
-    tokenizer = load_tokenizer(config.tokenizer.kind, config.tokenizer.path) if config.tokenizer.path else None
+    # data.kind 'chat': every source is a chat source (its kind may be left out).
+    defaults = {"kind": "chat"} if config.kind == "chat" else {}
+    sources = [ml_collections.ConfigDict({**defaults, **ml_collections.ConfigDict(s).to_dict()}) for s in sources]
+    has_path = config.tokenizer.path or config.tokenizer.kind == "shell_game"
+    tokenizer = load_tokenizer(config.tokenizer.kind, config.tokenizer.path) if has_path else None
     if tokenizer is not None and tokenizer.vocab_size > vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {vocab_size}")
     schedule = _Schedule([float(s.get("weight", 1.0)) for s in sources], batch_size, [str(s.paths) for s in sources])
-    lanes = {j: [_Lane(shard_documents(s, tokenizer, vocab_size, j, batch_size), seq_len + 1, (seed, i, j))
-                 for i, s in enumerate(sources)] for j in range(lo, lo + rows)}
+    chat = None
+    if any(s.kind == "chat" for s in sources):
+        from recurrent_depth.chat_data import ChatReader  # imports this module
+
+        chat = ChatReader(config.chat, tokenizer, seq_len + 1)
+
+    def lane(source, i, j):
+        if source.kind == "chat":
+            return chat.lane(source, j, batch_size, (seed, i, j))
+        return _Lane(shard_documents(source, tokenizer, vocab_size, j, batch_size), seq_len + 1, (seed, i, j))
+
+    lanes = {j: [lane(s, i, j) for i, s in enumerate(sources)] for j in range(lo, lo + rows)}
+    if chat is not None:
+        chat.log_skipped()
     return _by_step(_MixtureBatch(lanes, schedule, config.document_masking))
 
 

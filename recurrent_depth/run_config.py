@@ -14,6 +14,7 @@ import ml_collections
 
 from recurrent_depth import sharding
 from recurrent_depth.config import DTYPES, ConfigError, ModelConfig
+from recurrent_depth.chat_data import LOSS_TOKENS
 from recurrent_depth.data import DATA_KINDS, SOURCE_KINDS
 from recurrent_depth.depth import DEPTH_KINDS
 from recurrent_depth.exit_criteria import DEFAULT_THRESHOLDS
@@ -183,7 +184,8 @@ def _optimizer(config, steps: int) -> None:
         raise ConfigError(f"{p} (schedule {schedule!r}, train.steps={steps}): {err}") from None
 
 
-def _sources(config, name: str) -> None:
+def _sources(config, name: str, only: str | None = None) -> None:
+    """A list of {kind, paths, weight} sources; `only`: the one kind allowed, the default of an omitted kind."""
     sources = _get(config, name)
     if isinstance(sources, (str, Mapping, ml_collections.ConfigDict)) or not isinstance(sources, Sequence):
         raise ConfigError(f"{name} must be a list of {{kind, paths, weight}} sources, got {sources!r}")
@@ -191,8 +193,10 @@ def _sources(config, name: str) -> None:
         where = f"{name}[{i}]"
         if not isinstance(source, (Mapping, ml_collections.ConfigDict)):
             raise ConfigError(f"{where} must be a {{kind, paths, weight}} mapping, got {source!r}")
-        if source.get("kind") not in SOURCE_KINDS:
-            raise ConfigError(f"{where}.kind must be one of {SOURCE_KINDS}, got {source.get('kind')!r}")
+        kind = source.get("kind", only)
+        if kind not in ((only,) if only else SOURCE_KINDS):
+            valid = f"{only!r} (or left out) for data.kind={only!r}" if only else f"one of {SOURCE_KINDS}"
+            raise ConfigError(f"{where}.kind must be {valid}, got {kind!r}")
         paths = source.get("paths")
         if not paths or not (isinstance(paths, str) or all(isinstance(p, str) and p for p in paths)):
             raise ConfigError(f"{where}.paths must be a glob pattern or a list of them, got {paths!r}")
@@ -208,17 +212,25 @@ def _data(config, model: ModelConfig) -> None:
     if kind == "shell_game" and model.vocab_size < SHELL_GAME_TOKENS:
         raise ConfigError(f"model.vocab_size ({model.vocab_size}) is below the shell game's {SHELL_GAME_TOKENS} "
                           "tokens (data.kind='shell_game')")
-    if kind != "mixture":
+    if kind not in ("mixture", "chat"):
         return
-    _sources(config, "data.sources")
+    only = "chat" if kind == "chat" else None
+    _sources(config, "data.sources", only)
     if not config.data.sources:
-        raise ConfigError("data.sources is empty: data.kind='mixture' needs at least one {kind, paths, weight}")
-    _sources(config, "data.eval_sources")
-    needs_tokenizer = any(s.get("kind") != "array_record" for s in config.data.sources)
+        raise ConfigError(f"data.sources is empty: data.kind={kind!r} needs at least one {{kind, paths, weight}}")
+    _sources(config, "data.eval_sources", only)
+    sources = [*config.data.sources, *config.data.eval_sources]
+    if any(s.get("kind", only) == "chat" for s in sources):
+        _choice(config, "data.chat.loss_tokens", LOSS_TOKENS)
+        _bool(config, "data.chat.truncate")
+        _bool(config, "data.chat.skip_malformed")
+        if not isinstance(_get(config, "data.chat.system_prompt"), str):
+            raise ConfigError(f"data.chat.system_prompt must be a string, got {config.data.chat.system_prompt!r}")
+    needs_tokenizer = any(s.get("kind", only) != "array_record" for s in config.data.sources)
     if needs_tokenizer and tokenizer != "shell_game" and not _get(config, "data.tokenizer.path"):
         raise ConfigError("data.tokenizer.path is empty, but text/jsonl sources need a tokenizer")
     if _get(config, "eval.every") and not config.data.eval_sources:
-        raise ConfigError("eval.every > 0 needs data.eval_sources (held-out data) for data.kind='mixture'")
+        raise ConfigError(f"eval.every > 0 needs data.eval_sources (held-out data) for data.kind={kind!r}")
 
 
 def _checkpoint(config) -> None:

@@ -12,11 +12,20 @@ NC1-complete (Barrington 1989): unlike sums or counts, which attention can short
 transformer tracks it at every length (Merrill & Sabharwal 2023; Liu et al. 2023).  The depth has to come from
 the iterations of the recurrent block, so the task shows test-time scaling plainly: more iterations, longer
 sequences tracked.
+
+Its chat variant (for the fine-tuning demo, configs/sft_demo.py) asks the same question as a conversation: the
+user's message is the swaps, the assistant's reply the final cup, in the plain chat template of
+recurrent_depth.chat_template (`<s> User: ab cd bd </s> Assistant: d </s>`, one token per word):
+
+  python -m recurrent_depth.shell_game chat-data --output shell_chat.jsonl [--size 20000] [--lengths 1-16]
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
+import json
+import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -25,13 +34,15 @@ from recurrent_depth.losses import IGNORE_INDEX
 
 CUPS = "abcde"
 SWAPS = tuple(a + b for a, b in itertools.combinations(CUPS, 2))  # ab, ac, ..., de
-TOKENS = ("<pad>", "<s>", "</s>", *CUPS, *SWAPS)
+ROLE_WORDS = ("System:", "User:", "Assistant:")  # the plain chat template's role headers (the chat variant)
+TOKENS = ("<pad>", "<s>", "</s>", *CUPS, *SWAPS, *ROLE_WORDS)
 HELD_OUT = 0x5EED0E7A  # evaluation problems come from the stream [seed, HELD_OUT, i]; training from [seed, step]
+CHAT_TRAIN = 0xC4A7  # chat-data problems come from [seed, CHAT_TRAIN, i]: neither training batches nor held out
 
 
 class ShellGameTokenizer:
-    """Words of the task, separated by spaces: a swap (`ab`, also written `ba`) or a cup (`c`); the
-    Tokenizer interface of recurrent_depth.tokenizer."""
+    """Words of the task, separated by spaces: a swap (`ab`, also written `ba`), a cup (`c`) or a chat role
+    header (`User:`); the Tokenizer interface of recurrent_depth.tokenizer."""
 
     pad_id, bos_id, eos_id = 0, 1, 2
     vocab_size = len(TOKENS)
@@ -42,14 +53,15 @@ class ShellGameTokenizer:
         try:
             return [self._ids[word] for word in text.split()]
         except KeyError as err:
-            raise ValueError(f"{err.args[0]!r} is neither a swap of two cups {CUPS!r} (like 'ab') nor a cup") from None
+            raise ValueError(f"{err.args[0]!r} is neither a swap of two cups {CUPS!r} (like 'ab'), a cup nor one of "
+                             f"{ROLE_WORDS}") from None
 
     def decode(self, ids: Sequence[int]) -> str:
         return " ".join(TOKENS[i] for i in map(int, ids) if 3 <= i < len(TOKENS))
 
 
 CUP_IDS = np.arange(3, 3 + len(CUPS))  # token id of each cup
-SWAP_IDS = np.arange(3 + len(CUPS), len(TOKENS))
+SWAP_IDS = np.arange(3 + len(CUPS), 3 + len(CUPS) + len(SWAPS))
 _SWAP_CUPS = np.asarray([[CUPS.index(a), CUPS.index(b)] for a, b in SWAPS])  # [swap, 2] the cups each swap exchanges
 
 
@@ -77,12 +89,49 @@ def shell_game_batch(batch_size: int, seq_len: int, seed: int, step: int) -> dic
             "positions": np.cumsum(ones, axis=1, dtype=np.int32) - 1}
 
 
-def held_out_problems(size: int, seed: int, lengths: tuple[int, int]) -> list[tuple[list[int], int]]:
+def held_out_problems(size: int, seed: int, lengths: tuple[int, int],
+                      stream: int = HELD_OUT) -> list[tuple[list[int], int]]:
     """`size` evaluation problems (swap token ids, the final cup's token id), lengths cycling through
-    lengths[0]..lengths[1]; from a random stream that training never reads."""
+    lengths[0]..lengths[1]; from a random stream that training never reads (`stream`: another one)."""
     lo, hi = lengths
     problems = []
     for i in range(size):
-        swaps = np.random.default_rng([seed, HELD_OUT, i]).integers(0, len(SWAPS), lo + i % (hi - lo + 1))
+        swaps = np.random.default_rng([seed, stream, i]).integers(0, len(SWAPS), lo + i % (hi - lo + 1))
         problems.append((SWAP_IDS[swaps].tolist(), int(CUP_IDS[track(swaps)[-1]])))
     return problems
+
+
+def chat_rows(size: int, seed: int, lengths: tuple[int, int]) -> list[dict]:
+    """`size` conversations {messages: [user: the swaps, assistant: the final cup]} for chat fine-tuning, from
+    their own random stream (never a held-out problem)."""
+    tok = ShellGameTokenizer()
+    return [{"messages": [{"role": "user", "content": tok.decode(swaps)},
+                          {"role": "assistant", "content": tok.decode([cup])}]}
+            for swaps, cup in held_out_problems(size, seed, lengths, stream=CHAT_TRAIN)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m recurrent_depth.shell_game", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("chat-data", help="write the chat variant's conversations as JSONL")
+    p.add_argument("--output", required=True, help="the JSONL file to write")
+    p.add_argument("--size", type=int, default=20000, help="conversations")
+    p.add_argument("--lengths", default="1-16", help="swaps per problem, MIN-MAX (cycled)")
+    p.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    lo, _, hi = args.lengths.partition("-")
+    try:
+        lengths = (int(lo), int(hi or lo))
+    except ValueError:
+        parser.error(f"--lengths must be MIN-MAX or one number, got {args.lengths!r}")
+    if not 1 <= lengths[0] <= lengths[1] or args.size < 1:
+        parser.error(f"need 1 <= MIN <= MAX and --size >= 1, got {args.lengths!r} and {args.size}")
+    with open(args.output, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row) + "\n" for row in chat_rows(args.size, args.seed, lengths))
+    print(f"wrote {args.size} conversations with {lengths[0]}-{lengths[1]} swaps to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

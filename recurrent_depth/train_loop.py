@@ -18,12 +18,13 @@ from tqdm import tqdm
 
 from recurrent_depth import flops, telemetry
 from recurrent_depth.checkpoint import CHECKPOINTS_DIR, RUN_CONFIG_FILE, TrainCheckpointer
+from recurrent_depth.config import ConfigError
 from recurrent_depth.data import make_dataset
 from recurrent_depth.paths import as_path
 from recurrent_depth.sharding import make_mesh
 from recurrent_depth.losses import token_losses
 from recurrent_depth.run_config import validate_run_config
-from recurrent_depth.training import Trainer, TrainState
+from recurrent_depth.training import Trainer, TrainState, check_init_from
 
 PREFETCH_BATCHES = 2  # batches the host prepares ahead of the device
 METRICS_FILE = "metrics.jsonl"  # in a train.py workdir
@@ -167,7 +168,7 @@ def _held_out(config, trainer: Trainer) -> HeldOutEval | None:
     elif config.data.eval_sources:
         dataset = _dataset(config, trainer, seed=config.seed, sources=config.data.eval_sources)
     else:
-        raise ValueError("eval.every > 0 needs data.eval_sources (held-out data) for a 'mixture' data config")
+        raise ValueError(f"eval.every > 0 needs data.eval_sources (held-out data) for data.kind={config.data.kind!r}")
     iterator = iter(dataset)
     return HeldOutEval(trainer, [next(iterator) for _ in range(config.eval.batches)], config.eval.num_steps)
 
@@ -175,14 +176,21 @@ def _held_out(config, trainer: Trainer) -> HeldOutEval | None:
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> TrainState:
     """Trains to config.train.steps, resuming from the newest checkpoint in `workdir`; returns the final state."""
     initialize_distributed(config.distributed)
-    validate_run_config(config, jax.device_count(), jax.process_count())  # before any data, mesh or compilation
+    # Before any data, mesh or compilation: the config, and train.init_from unless the run resumes (then unused).
+    model_config = validate_run_config(config, jax.device_count(), jax.process_count())
     workdir = as_path(workdir)
+    ckpt = config.checkpoint
+    checkpointer = TrainCheckpointer(workdir / CHECKPOINTS_DIR, ckpt.every, ckpt.keep, ckpt.keep_every, ckpt.async_save)
+    if not checkpointer.manager.all_steps():
+        try:
+            check_init_from(config, model_config)
+        except ConfigError:
+            checkpointer.close()
+            raise
     profiler = telemetry.StepProfiler(config.train.profile_steps, workdir / telemetry.PROFILE_DIR)
     trainer = Trainer(config, make_mesh(config.mesh.shape))
     iterator = iter(_dataset(config, trainer, seed=config.seed))
     held_out = _held_out(config, trainer)
-    ckpt = config.checkpoint
-    checkpointer = TrainCheckpointer(workdir / CHECKPOINTS_DIR, ckpt.every, ckpt.keep, ckpt.keep_every, ckpt.async_save)
     state = checkpointer.restore_latest(trainer.abstract_state(), iterator)
     state = trainer.init_state() if state is None else state
     if jax.process_index() == 0:

@@ -20,7 +20,7 @@ import optax
 from jax.sharding import Mesh
 
 from recurrent_depth import sharding
-from recurrent_depth.config import ModelConfig
+from recurrent_depth.config import ConfigError, ModelConfig
 from recurrent_depth.depth import make_depth_sampler
 from recurrent_depth.losses import token_losses
 from recurrent_depth.model import RecurrentDepthLM, init_params
@@ -54,6 +54,21 @@ def build_depth_sampler(config: ml_collections.ConfigDict, model_config: ModelCo
     extra = {"n": depth.n, "k": depth.k} if depth.kind == "fixed" else {}
     return make_depth_sampler(depth.kind, model_config.mean_recurrence, model_config.mean_backprop_depth,
                               seed=seed, sigma=depth.sigma, **extra)
+
+
+def check_init_from(config: ml_collections.ConfigDict, model_config: ModelConfig) -> None:
+    """ConfigError naming `train.init_from` if it is set and missing, or naming each architectural field in which
+    its model config differs from the run's; reads the checkpoint's config file alone (no parameters)."""
+    source = config.train.get("init_from")
+    if not source:
+        return
+    from recurrent_depth.checkpoint import load_model_config
+    from recurrent_depth.evaluation.runner import check_config
+
+    try:
+        check_config(load_model_config(source), model_config, "this run's model config")
+    except (FileNotFoundError, ValueError) as err:  # ConfigError and CheckpointError are ValueErrors
+        raise ConfigError(f"train.init_from={source!r}: {err}") from None
 
 
 @dataclasses.dataclass
@@ -107,10 +122,9 @@ class Trainer:
 
     def _load_state(self, source: str) -> TrainState:
         from recurrent_depth.checkpoint import load_model
-        from recurrent_depth.evaluation.runner import check_config
 
-        model, params = load_model(source, dtype=self.model_config.param_dtype, shardings=self.state_shardings.params)
-        check_config(model.config, self.model_config, "this run's model config")
+        check_init_from(self.config, self.model_config)
+        _, params = load_model(source, dtype=self.model_config.param_dtype, shardings=self.state_shardings.params)
 
         def init(params):
             return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))

@@ -90,7 +90,7 @@ def test_takase_init_statistics():
                                           "must be <= total_steps (200)"),
     ("train.optimizer.b2", 1.0, "train.optimizer.b2 must be a finite number >= 0.0 and < 1.0, got 1.0"),
     ("train.depth.kind", "uniform", "train.depth.kind must be one of ('poisson-lognormal', 'fixed'), got 'uniform'"),
-    ("data.kind", "text", "data.kind must be one of ('synthetic', 'shell_game', 'mixture'), got 'text'"),
+    ("data.kind", "text", "data.kind must be one of ('synthetic', 'shell_game', 'mixture', 'chat'), got 'text'"),
     ("mesh.shape", (2, 2, 1), "mesh.shape: mesh {'data': 2, 'fsdp': 2, 'tensor': 1} needs 4 devices, but 8 are "
                               "available"),
     ("eval.num_steps", (1, 0), "eval.num_steps must be a non-empty list of positive integers, got (1, 0)"),

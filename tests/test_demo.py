@@ -51,7 +51,7 @@ def test_tokenizer_round_trip_and_errors():
     text = "ab cd bd ae bc c"
     assert tok.decode(tok.encode(text)) == text
     assert tok.encode("ba") == tok.encode("ab")  # a swap reads either way
-    assert tok.vocab_size == 3 + 5 + 10 and tok.decode([tok.bos_id, tok.pad_id]) == ""
+    assert tok.vocab_size == 3 + 5 + 10 + 3 and tok.decode([tok.bos_id, tok.pad_id]) == ""
     with pytest.raises(ValueError, match="'af' is neither a swap"):
         tok.encode("ab af")
 

@@ -24,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding
 from tqdm import tqdm
 
 from recurrent_depth import sharding
+from recurrent_depth.chat_template import chat_stop_ids
 from recurrent_depth.decoding import generate
 from recurrent_depth.exit_criteria import ExitCriterion
 from recurrent_depth.model import RecurrentDepthLM, init_params
@@ -154,15 +155,9 @@ class EvalModel:
         return context_ids, whole[len(context_ids):]
 
     def stop_ids(self) -> list[int]:
-        """End-of-text ids that end a generation: EOS, and the chat template's end of turn where it exists."""
-        ids = {self.tokenizer.eos_id}
-        if hasattr(self.tokenizer, "token_id"):  # a tokenizer.json: look the chat tokens up by name
-            for name in ("<|end_turn|>", "<|end_text|>"):
-                try:
-                    ids.add(self.tokenizer.token_id(name))
-                except ValueError:
-                    pass
-        return sorted(i for i in ids if 0 <= i < self.config.vocab_size)
+        """The ids that end a generation: the chat template's stops (EOS; for huginn-0125 also BOS and
+        `<|end_turn|>`, the original's 65504, 65505, 65508), those inside the model's vocabulary."""
+        return sorted(i for i in set(chat_stop_ids(self.tokenizer)) if 0 <= i < self.config.vocab_size)
 
     # ---- scoring -----------------------------------------------------------------------------------------
     def loglikelihood(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]], depth: Depth,

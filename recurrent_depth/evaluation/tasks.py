@@ -16,6 +16,7 @@ import numpy as np
 from etils import epath
 
 from recurrent_depth import shell_game
+from recurrent_depth.chat_template import render_chat
 from recurrent_depth.evaluation import answers, records
 from recurrent_depth.evaluation.engine import Depth, EvalModel, Generations, generate_text
 from recurrent_depth.tokenizer import apply_chat_template
@@ -253,12 +254,13 @@ class ReasoningGymTask(Task):
 class ShellGameTask(Task):
     """Held-out problems of the demo's shell game (recurrent_depth.shell_game) with MIN..MAX swaps (lengths evenly
     spread), from a random stream that training never reads.  Metric `acc`: the model's argmax after the last
-    swap is the cup that hides the ball."""
+    swap is the cup that hides the ball.  With `chat`, each problem is the chat variant's prompt (the swaps as the
+    user's turn, then the assistant's header; recurrent_depth.chat_template) and the answer its next token."""
 
     kind = "shell_game"
-    OPTIONS: ClassVar[dict[str, type]] = {"size": int, "seed": int}
+    OPTIONS: ClassVar[dict[str, type]] = {"size": int, "seed": int, "chat": bool}
 
-    def __init__(self, name: str, lengths: str, size: int = 512, seed: int = 0):
+    def __init__(self, name: str, lengths: str, size: int = 512, seed: int = 0, chat: bool = False):
         super().__init__(name)
         try:
             lo, _, hi = lengths.partition("-")
@@ -267,14 +269,21 @@ class ShellGameTask(Task):
             raise ValueError(f"task {name}: lengths must be MIN-MAX or one number, got {lengths!r}") from None
         if not 1 <= self.lengths[0] <= self.lengths[1] or size < 1:
             raise ValueError(f"task {name}: need 1 <= MIN <= MAX and size >= 1, got {lengths!r} and {size}")
-        self.size, self.seed = size, seed
+        self.size, self.seed, self.chat = size, seed, chat
         self.problems = shell_game.held_out_problems(size, seed, self.lengths)
 
     def info(self) -> dict:
-        return {"kind": self.kind, "lengths": list(self.lengths), "size": self.size, "seed": self.seed}
+        return {"kind": self.kind, "lengths": list(self.lengths), "size": self.size, "seed": self.seed,
+                "chat": self.chat}
+
+    def _prompt(self, tokenizer, swaps: list[int]) -> list[int]:
+        if not self.chat:
+            return [tokenizer.bos_id, *swaps]
+        user = {"role": "user", "content": tokenizer.decode(swaps)}
+        return render_chat(tokenizer, [user], add_generation_prompt=True)[0]
 
     def evaluate(self, lm: EvalModel, depth: Depth) -> TaskResult:
-        pairs = [([lm.tokenizer.bos_id, *swaps], [cup]) for swaps, cup in self.problems]
+        pairs = [(self._prompt(lm.tokenizer, swaps), [cup]) for swaps, cup in self.problems]
         scores = lm.loglikelihood(pairs, depth, desc=f"{self.name} {depth.label}")
         samples = [{"swaps": lm.tokenizer.decode(swaps), "ball": lm.tokenizer.decode([cup]), "length": len(swaps),
                     "correct": bool(ok)} for (swaps, cup), ok in zip(self.problems, scores.greedy)]
