@@ -86,11 +86,11 @@ def splash_attention(q, k, v, segment_ids, interpret: bool = False):
         q, k, v, segment_ids)
 
 
-def _targets_tpu() -> bool:
-    """Whether the computation is for TPUs: the devices of the mesh in context (even TPU devices of an
-    ahead-of-time topology on a CPU machine), else the default backend.  Elsewhere splash runs interpreted."""
+def target_platform() -> str:
+    """The platform the computation is for: that of the devices of the mesh in context (even TPU devices of an
+    ahead-of-time topology on a CPU machine), else the default backend's."""
     device = jax.sharding.get_abstract_mesh().abstract_device
-    return (device.platform if device is not None else jax.default_backend()) == "tpu"
+    return device.platform if device is not None else jax.default_backend()
 
 
 def attention_mask(impl: str, seq_len: int, segment_ids=None):
@@ -106,5 +106,5 @@ def attend(q, k, v, *, impl: str, mask):
     if impl == "cudnn":
         return cudnn_attention(q, k, v, mask)
     if impl == "splash":
-        return splash_attention(q, k, v, mask, interpret=not _targets_tpu())
+        return splash_attention(q, k, v, mask, interpret=target_platform() != "tpu")  # elsewhere interpreted
     raise ValueError(f"unknown attention implementation {impl!r}; valid: {IMPLEMENTATIONS}")

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
-from recurrent_depth.attention import NEG_INF, attend
+from recurrent_depth.attention import NEG_INF, attend, target_platform
 from recurrent_depth.config import ModelConfig
 
 
@@ -28,11 +28,24 @@ def param(module: nn.Module, name: str, init, shape, axes, dtype):
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
-def dense(spec: str, x, w, dtype, out_dtype=None):
-    """The einsum `spec` of activations and a weight, both cast to the compute `dtype` and accumulated in float32,
-    returned in `out_dtype` (default `dtype`): bfloat16 matmuls that can feed a float32 residual stream."""
-    y = jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
-    return y.astype(out_dtype or dtype)
+def dense(x, w, dtype, out_dtype=None, *, transposed: bool = False):
+    """x [..., in] times a weight w [in, *out] (`transposed`: w [*out, in], as the tied head's [vocab, embed]
+    table) -> [..., *out].  Both are cast to the compute `dtype` and accumulated in float32, returned in
+    `out_dtype` (default `dtype`): bfloat16 matmuls that can feed a float32 residual stream.
+
+    On CPU the product runs as one 2-D [tokens, in] x [in, out] matrix product (reshapes are free): XLA:CPU runs a
+    dot and both of its gradients without copying an operand only when each operand has one contracting and one
+    free dimension; otherwise it transposes activations, their gradients and the weight in every call. Elsewhere
+    the weight keeps its axes, so that a sharded out axis (heads, mlp) need not be gathered for the reshape.
+    """
+    x, w = x.astype(dtype), w.astype(dtype)
+    lead, out = x.shape[:-1], w.shape[:-1] if transposed else w.shape[1:]
+    if target_platform() == "cpu":
+        x = x.reshape(-1, x.shape[-1])
+        w = w.reshape(-1, w.shape[-1]) if transposed else w.reshape(w.shape[0], -1)
+    contract = (x.ndim - 1,), (w.ndim - 1 if transposed else 0,)
+    y = jax.lax.dot_general(x, w, (contract, ((), ())), preferred_element_type=jnp.float32)
+    return y.reshape(*lead, *out).astype(out_dtype or dtype)
 
 
 def constrain(x, axes):
@@ -105,7 +118,7 @@ class Attention(nn.Module):
         w_out = param(self, "out", trunc_normal(cfg.out_proj_std), (heads, head_dim, cfg.hidden_size),
                       ("heads", "kv", "embed"), cfg.weight_dtype)
         # The output keeps the weight's axis order, so that XLA need not transpose the weight (a copy per call).
-        qkv = dense("bte,ephd->btphd", x, w_qkv, dt)  # [batch, seq, 3, heads, head_dim]
+        qkv = dense(x, w_qkv, dt)  # [batch, seq, 3, heads, head_dim]
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         if cfg.qk_bias:
             bias = param(self, "qk_bias", nn.initializers.zeros, (2, heads, head_dim), (None, "heads", "kv"),
@@ -125,7 +138,7 @@ def _project_out(out, w_out, out_dtype):
     """[batch, seq, heads, head_dim] x [heads, head_dim, embed] as one [heads * head_dim] contraction (so that
     XLA does not transpose the weight to match the attention output's layout), into the stream's dtype."""
     b, t, h, d = out.shape
-    return dense("btf,fe->bte", out.reshape(b, t, h * d), w_out.reshape(h * d, -1), out.dtype, out_dtype)
+    return dense(out.reshape(b, t, h * d), w_out.reshape(h * d, -1), out.dtype, out_dtype)
 
 
 class GatedMLP(nn.Module):
@@ -141,10 +154,10 @@ class GatedMLP(nn.Module):
                      ("embed", None, "mlp"), cfg.weight_dtype)
         w_proj = param(self, "proj", trunc_normal(cfg.out_proj_std), (cfg.intermediate_size, cfg.hidden_size),
                        ("mlp", "embed"), cfg.weight_dtype)
-        fc = dense("bte,epi->btpi", x, w_fc, dt)  # [batch, seq, 2, mlp] (see Attention)
+        fc = dense(x, w_fc, dt)  # [batch, seq, 2, mlp] (see Attention)
         gate, up = fc[:, :, 0], fc[:, :, 1]
         h = checkpoint_name(constrain(nn.silu(gate) * up, ("batch", "length", "act_mlp")), "mlp_hidden")
-        return dense("bti,ie->bte", h, w_proj, dt, x.dtype)
+        return dense(h, w_proj, dt, x.dtype)
 
 
 class SandwichBlock(nn.Module):

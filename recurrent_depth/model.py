@@ -59,12 +59,12 @@ class CoreBlock(nn.Module):
 
     def inject(self, e):
         """The prelude output's share of the adapter, e @ W_e.  [batch, seq, embed]."""
-        injected = dense("bte,ef->btf", e, self.adapter[1], self.config.compute_dtype, e.dtype)
+        injected = dense(e, self.adapter[1], self.config.compute_dtype, e.dtype)
         return constrain(injected, ("batch", "length", "act_embed"))
 
     def __call__(self, state, injected, cos, sin, mask, cache=None, return_layers: bool = False):
         """One iteration.  With `cache` (a KVStore at the first core layer) returns (state, cache)."""
-        x = dense("bte,ef->btf", state, self.adapter[0], self.config.compute_dtype, state.dtype) + injected
+        x = dense(state, self.adapter[0], self.config.compute_dtype, state.dtype) + injected
         # Without this constraint XLA's SPMD partitioner (jax 0.10, CPU) miscompiled the following block when the
         # adapter is sharded over (fsdp, tensor): the sharded-vs-single-device tests catch it.
         x = constrain(x, ("batch", "length", "act_embed"))
@@ -261,8 +261,8 @@ class RecurrentDepthLM(nn.Module):
         """Tied (or separate) output head, float32 logits.  [..., embed] -> [..., vocab]."""
         dt = self.config.compute_dtype
         if self.config.tie_embeddings:  # contract with the [vocab, embed] table as stored (no transposed copy)
-            return dense("...e,ve->...v", y, self.embedding, dt, jnp.float32)
-        return dense("...e,ev->...v", y, self.lm_head, dt, jnp.float32)
+            return dense(y, self.embedding, dt, jnp.float32, transposed=True)
+        return dense(y, self.lm_head, dt, jnp.float32)
 
     # ---- the full forward pass ----------------------------------------------------------------
     def __call__(self, input_ids, num_steps: Any = None, *, input_states=None, init_scale=None, positions=None,
