@@ -189,13 +189,13 @@ def _settings(args: argparse.Namespace) -> dict:
 def load(args: argparse.Namespace):
     """(model, params, tokenizer) of the checkpoint; ValueError/FileNotFoundError for bad input."""
     from recurrent_depth.checkpoint import load_model
-    from recurrent_depth.evaluation.runner import _run_config, find_tokenizer
+    from recurrent_depth.evaluation.runner import checkpoint_run_config, find_tokenizer
     from recurrent_depth.paths import as_path
 
     checkpoint = as_path(args.checkpoint)
     if not checkpoint.exists():
         raise FileNotFoundError(f"checkpoint {args.checkpoint} does not exist")
-    tokenizer = find_tokenizer(checkpoint, args.tokenizer, _run_config(checkpoint, None))
+    tokenizer = find_tokenizer(checkpoint, args.tokenizer, checkpoint_run_config(checkpoint, None))
     check_chat_template(tokenizer)  # before the (slow) model load
     model, params = load_model(checkpoint, dtype=args.dtype)
     return model, params, tokenizer

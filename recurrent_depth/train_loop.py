@@ -179,6 +179,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Trai
     # Before any data, mesh or compilation: the config, and train.init_from unless the run resumes (then unused).
     model_config = validate_run_config(config, jax.device_count(), jax.process_count())
     workdir = as_path(workdir)
+    profiler = telemetry.StepProfiler(config.train.profile_steps, workdir / telemetry.PROFILE_DIR)  # checks it
     ckpt = config.checkpoint
     checkpointer = TrainCheckpointer(workdir / CHECKPOINTS_DIR, ckpt.every, ckpt.keep, ckpt.keep_every, ckpt.async_save)
     if not checkpointer.manager.all_steps():
@@ -187,7 +188,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Trai
         except ConfigError:
             checkpointer.close()
             raise
-    profiler = telemetry.StepProfiler(config.train.profile_steps, workdir / telemetry.PROFILE_DIR)
     trainer = Trainer(config, make_mesh(config.mesh.shape))
     iterator = iter(_dataset(config, trainer, seed=config.seed))
     held_out = _held_out(config, trainer)
