@@ -18,8 +18,10 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 ATTENTION_IMPLS = ("xla", "cudnn", "splash")
 # nothing: recompute the whole iteration (the original's per-iteration checkpointing, least memory);
 # dots: keep matmul outputs without batch dimensions; names: keep the named attention and MLP outputs;
+# matmuls: keep every matmul output (the attention's too) and recompute only elementwise ops: no matmul FLOPs
+# repeated, and on CPU the fastest (fewer, smaller saved buffers than everything);
 # everything: no rematerialisation (most memory, least compute).
-REMAT_POLICIES = ("nothing", "dots", "names", "everything")
+REMAT_POLICIES = ("nothing", "dots", "names", "matmuls", "everything")
 
 
 class ConfigError(ValueError):

@@ -2,8 +2,9 @@
 weight bytes a decoded token reads, and the measured memory bandwidth, for the roofline of memory-bound
 (small-batch) decoding.
 
-Convention (as PaLM's MFU): matmul FLOPs only, attention scores counted in full (no causal discount); a backward
-pass costs twice its forward.  The adapter's input half is applied once per forward pass (see CoreBlock.inject),
+Convention (as PaLM's MFU): matmul FLOPs only, attention scores counted in full (no causal discount) in model
+FLOPs, and in hardware FLOPs as far as the attention implementation computes them (the xla and splash kernels skip
+key blocks after the query block: `score_fraction`); a backward pass costs twice its forward.  The adapter's input half is applied once per forward pass (see CoreBlock.inject),
 so an iteration costs its state half and the core layers.  *Model* FLOPs count what the math needs; *hardware*
 FLOPs also what the train step really runs: all `mean_backprop_depth` gradient iterations (a traced k masks the
 first ones but computes them) and the forward that rematerialisation recomputes in the backward pass.
@@ -17,6 +18,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 
+from recurrent_depth.attention import causal_blocks
 from recurrent_depth.config import ModelConfig
 
 # Dense bfloat16 peak FLOP/s of one JAX device, by `device_kind` (lower case, first match wins).  Vendors' figures:
@@ -58,30 +60,44 @@ def _projection_flops(config: ModelConfig) -> dict[str, float]:
     return {"qkv": 2 * h * 3 * h, "out": 2 * h * h, "fc": 2 * h * 2 * i, "proj": 2 * i * h}
 
 
-def layer_flops(config: ModelConfig, seq_len: int) -> float:
-    """Forward FLOPs per token of one sandwich block: projections, then q k^T and p v."""
-    return float(sum(_projection_flops(config).values()) + 2 * 2 * seq_len * config.hidden_size)
+def score_fraction(config: ModelConfig, seq_len: int) -> float:
+    """The share of the full [seq, seq] score square that causal self-attention computes: (n + 1) / (2 n) for
+    n query blocks that skip the key blocks after them (xla: `attention.causal_blocks`; splash: blocks of
+    min(512, seq)); 1 for cudnn, whose tiling is not known here."""
+    if config.attention_impl == "xla":
+        blocks = causal_blocks(seq_len)
+    elif config.attention_impl == "splash":
+        blocks = seq_len // min(512, seq_len)
+    else:
+        return 1.0
+    return (blocks + 1) / (2 * blocks)
 
 
-def iteration_flops(config: ModelConfig, seq_len: int) -> float:
+def layer_flops(config: ModelConfig, seq_len: int, scores: float = 1.0) -> float:
+    """Forward FLOPs per token of one sandwich block: projections, then q k^T and p v (`scores` of the square)."""
+    return float(sum(_projection_flops(config).values()) + scores * 2 * 2 * seq_len * config.hidden_size)
+
+
+def iteration_flops(config: ModelConfig, seq_len: int, scores: float = 1.0) -> float:
     """Forward FLOPs per token of one recurrence: the adapter's state half (h -> h) and the core layers."""
-    return 2 * config.hidden_size**2 + config.num_core_layers * layer_flops(config, seq_len)
+    return 2 * config.hidden_size**2 + config.num_core_layers * layer_flops(config, seq_len, scores)
 
 
-def outer_flops(config: ModelConfig, seq_len: int) -> float:
+def outer_flops(config: ModelConfig, seq_len: int, scores: float = 1.0) -> float:
     """Forward FLOPs per token outside the recurrence: prelude, the adapter's input half, coda and head."""
     layers = config.num_prelude_layers + config.num_coda_layers
     h = config.hidden_size
-    return layers * layer_flops(config, seq_len) + 2 * h * h + 2 * h * config.vocab_size
+    return layers * layer_flops(config, seq_len, scores) + 2 * h * h + 2 * h * config.vocab_size
 
 
-def remat_flops(config: ModelConfig, seq_len: int) -> float:
+def remat_flops(config: ModelConfig, seq_len: int, scores: float = 1.0) -> float:
     """Forward FLOPs per token that one gradient iteration recomputes in the backward pass, by remat policy."""
-    scores = 2 * seq_len * config.hidden_size  # q k^T, and as many for p v
+    score_flops = scores * 2 * seq_len * config.hidden_size  # q k^T, and as many for p v
     recomputed = {
-        "nothing": iteration_flops(config, seq_len),  # the whole iteration
-        "names": iteration_flops(config, seq_len) - config.num_core_layers * scores,  # all but p v (its output kept)
-        "dots": config.num_core_layers * 2 * scores,  # the attention products (batched dots are not kept)
+        "nothing": iteration_flops(config, seq_len, scores),  # the whole iteration
+        "names": iteration_flops(config, seq_len, scores) - config.num_core_layers * score_flops,  # all but p v
+        "dots": config.num_core_layers * 2 * score_flops,  # the attention products (batched dots are not kept)
+        "matmuls": 0.0,  # only elementwise ops are recomputed
         "everything": 0.0,
     }
     return float(recomputed[config.remat_policy])
@@ -101,10 +117,11 @@ def train_flops_per_token(config: ModelConfig, seq_len: int, n: int, k: int) -> 
 def hardware_train_flops_per_token(config: ModelConfig, seq_len: int, n: int) -> float:
     """Hardware FLOPs of the train step: the n no-gradient iterations, and config.mean_backprop_depth gradient
     iterations whatever k (k is traced, so the step runs them all and masks the first ones), each forward +
-    backward + what rematerialisation recomputes."""
-    it = iteration_flops(config, seq_len)
-    grad = config.mean_backprop_depth * (3 * it + remat_flops(config, seq_len))
-    return 3 * outer_flops(config, seq_len) + n * it + grad
+    backward + what rematerialisation recomputes; attention scores as far as they are computed."""
+    scores = score_fraction(config, seq_len)
+    it = iteration_flops(config, seq_len, scores)
+    grad = config.mean_backprop_depth * (3 * it + remat_flops(config, seq_len, scores))
+    return 3 * outer_flops(config, seq_len, scores) + n * it + grad
 
 
 def layer_params(config: ModelConfig) -> int:

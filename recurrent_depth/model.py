@@ -98,6 +98,7 @@ def _run_cached(layers, x, cos, sin, mask, cache):
 REMAT_POLICIES = {
     "nothing": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "matmuls": jax.checkpoint_policies.dots_saveable,
     "names": jax.checkpoint_policies.save_only_these_names("attention", "mlp_hidden"),
 }
 

@@ -36,7 +36,7 @@ def matmul_flops(jaxpr, while_trips: int) -> float:
 def trainer(remat_policy: str, hidden: int = 64, mlp: int = 96, seq_len: int = 32, vocab: int = 512) -> Trainer:
     config = small_config()
     config.model.update(remat_policy=remat_policy, mean_backprop_depth=3, hidden_size=hidden, intermediate_size=mlp,
-                        vocab_size=vocab)
+                        vocab_size=vocab, max_seq_len=max(seq_len, config.model.max_seq_len))
     config.train.update(batch_size=2, seq_len=seq_len)
     return Trainer(config, make_mesh((1, 1, 1), jax.devices()[:1]))
 
@@ -48,15 +48,31 @@ def step_jaxpr(t: Trainer):
     return jax.make_jaxpr(t._loss_and_grads)(params, batch, scalar, scalar, jax.random.key(0)).jaxpr
 
 
-@pytest.mark.parametrize("policy", ["nothing", "names", "dots", "everything"])
-def test_hardware_flops_equal_the_steps_matmuls(policy):
-    """Traced n and k: the step runs n no-gradient iterations and all mean_backprop_depth gradient ones."""
-    t = trainer(policy)
+@pytest.mark.parametrize("policy,seq_len", [("nothing", 32), ("names", 32), ("dots", 32), ("matmuls", 32),
+                                            ("everything", 32),
+                                            ("nothing", 192), ("everything", 192)])
+def test_hardware_flops_equal_the_steps_matmuls(policy, seq_len):
+    """Traced n and k: the step runs n no-gradient iterations and all mean_backprop_depth gradient ones; at 192
+    tokens the attention runs in three causal blocks, computing 2/3 of the score square."""
+    t = trainer(policy, seq_len=seq_len)
     tokens, seq = 2 * t.config.train.seq_len, t.config.train.seq_len
     jaxpr = step_jaxpr(t)
     for n in (0, 5):
         expected = tokens * flops.hardware_train_flops_per_token(t.model_config, seq, n)
         assert matmul_flops(jaxpr, while_trips=n) == pytest.approx(expected, rel=1e-12), (policy, n)
+
+
+def test_score_fraction_follows_the_attention_blocks():
+    cfg = trainer("nothing").model_config
+    assert flops.score_fraction(cfg, 32) == 1.0  # too short to split
+    assert flops.score_fraction(cfg, 256) == 5 / 8  # four blocks of 64
+    assert flops.score_fraction(cfg.replace(attention_impl="splash"), 4096) == 9 / 16  # eight blocks of 512
+    assert flops.score_fraction(cfg.replace(attention_impl="cudnn"), 4096) == 1.0
+    # Model FLOPs keep the full square (PaLM's convention); hardware FLOPs drop what the blocks skip.
+    assert flops.hardware_train_flops_per_token(cfg, 256, 4) < flops.hardware_train_flops_per_token(
+        cfg.replace(attention_impl="cudnn"), 256, 4)
+    assert flops.train_flops_per_token(cfg, 256, 4, 3) == flops.train_flops_per_token(
+        cfg.replace(attention_impl="cudnn"), 256, 4, 3)
 
 
 def test_model_flops_are_the_hardware_flops_without_remat_and_masking():

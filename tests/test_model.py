@@ -59,3 +59,23 @@ def test_bad_inputs_raise_clear_errors(tiny):
         model.apply({"params": params}, jnp.asarray([[1, 2]]), num_steps=(-1, 1), init_scale=0.0)
     with pytest.raises(ValueError, match="integer scalars"):
         model.apply({"params": params}, jnp.asarray([[1, 2]]), num_steps=(1, jnp.asarray([2, 3])), init_scale=0.0)
+
+
+@pytest.mark.parametrize("seq_len,blocks", [(48, 1), (256, 4), (320, 5)])
+def test_blocked_causal_attention_equals_the_full_square(seq_len, blocks):
+    """Query blocks that skip the masked key blocks give the full masked attention, forward and gradients, also
+    with document masking."""
+    from recurrent_depth.attention import _masked_attention, causal_blocks, causal_mask, xla_attention
+
+    assert causal_blocks(seq_len) == blocks
+    q, k, v, ct = jax.random.normal(jax.random.key(seq_len), (4, 2, seq_len, 4, 16))
+    segments = jnp.cumsum(jax.random.bernoulli(jax.random.key(1), 0.02, (2, seq_len)), axis=1)
+    mask = causal_mask(seq_len, segments)
+    for fn in (xla_attention, _masked_attention):
+        out, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, mask), q, k, v)
+        if fn is xla_attention:
+            expected = (out, *vjp(ct))
+        else:
+            np.testing.assert_allclose(expected[0], out, rtol=1e-5, atol=1e-6)
+            for got, want in zip(expected[1:], vjp(ct)):
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
