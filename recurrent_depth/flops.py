@@ -4,8 +4,9 @@ weight bytes a decoded token reads, and the measured memory bandwidth, for the r
 
 Convention (as PaLM's MFU): matmul FLOPs only, attention scores counted in full (no causal discount) in model
 FLOPs, and in hardware FLOPs as far as the attention implementation computes them (the xla and splash kernels skip
-key blocks after the query block: `score_fraction`); a backward pass costs twice its forward.  The adapter's input half is applied once per forward pass (see CoreBlock.inject),
-so an iteration costs its state half and the core layers.  *Model* FLOPs count what the math needs; *hardware*
+key blocks after the query block: `score_fraction`); a backward pass costs twice its forward.  The adapter's input
+half is applied once per forward pass (see CoreBlock.inject), so an iteration costs its state half and the core
+layers.  *Model* FLOPs count what the math needs; *hardware*
 FLOPs also what the train step really runs: all `mean_backprop_depth` gradient iterations (a traced k masks the
 first ones but computes them) and the forward that rematerialisation recomputes in the backward pass.
 """
