@@ -106,7 +106,7 @@ def main():
     print(f"XLA op time {total:.2f} s (exclusive, summed over worker threads)")
     for k, s in by_kind.most_common():
         print(f"  {k:22s} {s:7.2f} s  {s / total:6.1%}")
-    print(f"costliest non-matmul ops:")
+    print("costliest non-matmul ops:")
     others = sorted(((s, n) for n, s in seconds.items() if kind(n, dots) != "matmul"), reverse=True)
     for s, name in others[:args.top]:
         print(f"  {s:7.3f} s  x{counts[name]:<4d} {name}")

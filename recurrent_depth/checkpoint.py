@@ -88,11 +88,20 @@ def load_params(path: str | os.PathLike, shardings=None) -> tuple[RecurrentDepth
     return RecurrentDepthLM(config), params
 
 
+def workdir_run_config(path: epath.Path) -> dict | None:
+    """The run config a train.py workdir at `path` saved (its RUN_CONFIG_FILE beside CHECKPOINTS_DIR), else None."""
+    if (path / RUN_CONFIG_FILE).exists() and (path / CHECKPOINTS_DIR).is_dir():
+        return json.loads((path / RUN_CONFIG_FILE).read_text())
+    return None
+
+
 def load_workdir_params(workdir: str | os.PathLike, shardings=None) -> tuple[RecurrentDepthLM, dict]:
     """The parameters of the newest readable checkpoint of a train.py workdir, restored alone (not the optimizer
     state) straight into `shardings` (a tree or a function of the config; None: one device)."""
     workdir = as_path(workdir)
-    run_config = json.loads((workdir / RUN_CONFIG_FILE).read_text())
+    run_config = workdir_run_config(workdir)
+    if run_config is None:
+        raise FileNotFoundError(f"{workdir} is not a train.py workdir ({RUN_CONFIG_FILE} + {CHECKPOINTS_DIR}/)")
     config = ModelConfig.from_dict(run_config["model"])
     target = {"params": abstract_params(config, shardings)}
     if shardings is None:  # Orbax would otherwise restore onto the devices that saved
@@ -110,7 +119,7 @@ def load_workdir_params(workdir: str | os.PathLike, shardings=None) -> tuple[Rec
 
 def _checkpoint_kind(path: epath.Path) -> str:
     """'workdir', 'huggingface' or 'params': what `load_model` finds at `path`; FileNotFoundError if none."""
-    if (path / RUN_CONFIG_FILE).exists() and (path / CHECKPOINTS_DIR).is_dir():
+    if workdir_run_config(path) is not None:
         return "workdir"
     if (path / HF_CONFIG_FILE).exists():
         return "huggingface"
@@ -127,7 +136,7 @@ def load_model_config(path: str | os.PathLike) -> ModelConfig:
     path = as_path(path)
     kind = _checkpoint_kind(path)
     if kind == "workdir":
-        return ModelConfig.from_dict(json.loads((path / RUN_CONFIG_FILE).read_text())["model"])
+        return ModelConfig.from_dict(workdir_run_config(path)["model"])
     return load_hf_config(path) if kind == "huggingface" else load_config(path)
 
 

@@ -71,11 +71,12 @@ def test_blocked_causal_attention_equals_the_full_square(seq_len, blocks):
     q, k, v, ct = jax.random.normal(jax.random.key(seq_len), (4, 2, seq_len, 4, 16))
     segments = jnp.cumsum(jax.random.bernoulli(jax.random.key(1), 0.02, (2, seq_len)), axis=1)
     mask = causal_mask(seq_len, segments)
-    for fn in (xla_attention, _masked_attention):
+
+    def forward_and_gradients(fn):
         out, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, mask), q, k, v)
-        if fn is xla_attention:
-            expected = (out, *vjp(ct))
-        else:
-            np.testing.assert_allclose(expected[0], out, rtol=1e-5, atol=1e-6)
-            for got, want in zip(expected[1:], vjp(ct)):
-                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        return out, *vjp(ct)
+
+    blocked, full = forward_and_gradients(xla_attention), forward_and_gradients(_masked_attention)
+    np.testing.assert_allclose(blocked[0], full[0], rtol=1e-5, atol=1e-6)
+    for got, want in zip(blocked[1:], full[1:]):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

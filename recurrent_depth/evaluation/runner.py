@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import json
 import math
 import os
 import time
@@ -15,7 +14,7 @@ from etils import epath
 from tqdm import tqdm
 
 from recurrent_depth import sharding
-from recurrent_depth.checkpoint import CHECKPOINTS_DIR, RUN_CONFIG_FILE, load_model, param_shardings
+from recurrent_depth.checkpoint import load_model, param_shardings, workdir_run_config
 from recurrent_depth.config import ConfigError, ModelConfig, load_config_file
 from recurrent_depth.evaluation import report
 from recurrent_depth.evaluation.engine import Depth, EvalModel
@@ -60,9 +59,8 @@ def checkpoint_run_config(checkpoint: epath.Path, config_file: str | None) -> ml
     """The --config file's config, else a train.py workdir's own run config, else None."""
     if config_file:
         return load_config_file(config_file)
-    if (checkpoint / RUN_CONFIG_FILE).exists() and (checkpoint / CHECKPOINTS_DIR).is_dir():
-        return ml_collections.ConfigDict(json.loads((checkpoint / RUN_CONFIG_FILE).read_text()))
-    return None
+    run_config = workdir_run_config(checkpoint)
+    return None if run_config is None else ml_collections.ConfigDict(run_config)
 
 
 def find_tokenizer(checkpoint: str | os.PathLike, path: str | None = None,
