@@ -17,7 +17,9 @@ the coda, the head and the cross-entropy inside the forward; backward; clip grad
 torch.optim.AdamW(lr 1e-4, betas 0.9/0.95, weight decay 0.1). The 4 gradient iterations keep all activations
 (the original checkpoints per iteration only when gradient_checkpointing is enabled, which is off by default);
 --checkpoint-iterations turns that on, to compare with the project's per-iteration rematerialisation.
-One warm-up step, then --steps timed steps; tokens_per_sec = steps * 1024 / their total time.
+One warm-up step, then --steps timed steps; tokens_per_sec = steps * 1024 / their total time.  Like
+train_bench.py it runs with glibc's transparent huge pages (recurrent_depth/host_memory.py, stdlib only), so that
+both run under the same allocator; GLIBC_TUNABLES=glibc.malloc.hugetlb=0 turns them off for both.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import pathlib
 import sys
 import time
@@ -105,8 +108,13 @@ def main():
         "checkpoint_iterations": args.checkpoint_iterations,
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "step_seconds": [round(s, 3) for s in step_seconds],
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
     }))
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the project, not installed here
+    from recurrent_depth.host_memory import use_huge_pages
+
+    use_huge_pages()
     main()

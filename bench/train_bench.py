@@ -13,7 +13,9 @@ MFU counts model FLOPs, HFU hardware FLOPs (also the recomputed forward), both a
 float32 matmul peak (recurrent_depth.flops).  Memory: the compiled step's temporary buffers for r = 8 and r = 32
 at the same k (one compiled program serves every n, so they are equal) and the process's peak resident memory.
 `--profile DIR` writes a jax.profiler trace of the timed steps of each setting, and the compiled step's HLO, to
-DIR/<setting>; `python bench/profile_summary.py DIR/<setting>` then says where the time went.
+DIR/<setting>; `python bench/profile_summary.py DIR/<setting>` then says where the time went.  It runs with
+glibc's transparent huge pages, as train.py does (recurrent_depth/host_memory.py; GLIBC_TUNABLES=glibc.malloc.hugetlb=0
+measures without).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import pathlib
 import resource
 import time
@@ -29,6 +32,7 @@ import jax
 
 from recurrent_depth import flops
 from recurrent_depth.config import base_config
+from recurrent_depth.host_memory import use_huge_pages
 from recurrent_depth.sharding import make_mesh
 from recurrent_depth.synthetic import progression_batches
 from recurrent_depth.training import Trainer
@@ -82,7 +86,7 @@ def main():
     args = parser.parse_args()
     peak = flops.measure_matmul_peak(args.peak_size)
     out = {"bench": "train_step", "shape": "bench-small", "backend": jax.default_backend(), "n": 4, "k": 4,
-           "matmul_peak_tflops": round(peak / 1e12, 4)}
+           "matmul_peak_tflops": round(peak / 1e12, 4), "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
     for name, setting in SETTINGS.items():
         profile = f"{args.profile}/{name}" if args.profile else None
         trainer, tokens_per_sec, memory, compiles = run(bench_config(4, 4, **setting), args.steps, profile)
@@ -99,4 +103,5 @@ def main():
 
 
 if __name__ == "__main__":
+    use_huge_pages()
     main()

@@ -1,9 +1,25 @@
-"""recurrent-depth: Huginn-style recurrent-depth language models in JAX/Flax."""
+"""recurrent-depth: Huginn-style recurrent-depth language models in JAX/Flax.
 
-from recurrent_depth.config import ConfigError, ModelConfig
-from recurrent_depth.decoding import GenerateOutput, SpeculativeOutput, generate, speculative_generate
-from recurrent_depth.model import ModelOutput, RecurrentDepthLM, init_params
-from recurrent_depth.parallel_decoding import ParallelOutput, parallel_generate
+The public names load on first use (PEP 562), so that `recurrent_depth.host_memory` can run before jax is imported.
+"""
 
-__all__ = ["ConfigError", "GenerateOutput", "ModelConfig", "ModelOutput", "ParallelOutput", "RecurrentDepthLM",
-           "SpeculativeOutput", "generate", "init_params", "parallel_generate", "speculative_generate"]
+import importlib
+
+_EXPORTS = {
+    "ConfigError": "config", "ModelConfig": "config",
+    "GenerateOutput": "decoding", "SpeculativeOutput": "decoding", "generate": "decoding",
+    "speculative_generate": "decoding",
+    "ModelOutput": "model", "RecurrentDepthLM": "model", "init_params": "model",
+    "ParallelOutput": "parallel_decoding", "parallel_generate": "parallel_decoding",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'recurrent_depth' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"recurrent_depth.{_EXPORTS[name]}"), name)
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)
