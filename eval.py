@@ -36,7 +36,7 @@ import sys
 import ml_collections
 from absl import app, flags, logging
 
-from recurrent_depth.host_memory import use_huge_pages
+from recurrent_depth.runtime.host_memory import use_huge_pages
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "workdir", "train.py workdir, parameter checkpoint or Hugging Face "
                                   "checkpoint directory.")
@@ -73,7 +73,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
     from recurrent_depth.evaluation import evaluate_checkpoint  # jax loads here, after use_huge_pages
-    from recurrent_depth.train_loop import initialize_distributed
+    from recurrent_depth.runtime.distributed import initialize_distributed
 
     initialize_distributed(ml_collections.ConfigDict({"coordinator_address": None, "num_processes": None,
                                                       "process_id": None, "auto": _MULTIHOST.value}))

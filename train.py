@@ -9,7 +9,7 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from recurrent_depth.host_memory import use_huge_pages
+from recurrent_depth.runtime.host_memory import use_huge_pages
 
 _CONFIG = config_flags.DEFINE_config_file("config", str(Path(__file__).parent / "configs" / "demo.py"),
                                           "Path to an ml_collections config file.")
@@ -20,7 +20,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # Orbax and XLA are chatty at INFO
-    from recurrent_depth.train_loop import train  # jax loads here, after use_huge_pages
+    from recurrent_depth.training.loop import train  # jax loads here, after use_huge_pages
 
     train(_CONFIG.value, _WORKDIR.value)
 

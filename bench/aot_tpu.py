@@ -18,8 +18,8 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from recurrent_depth.aot import compile_generate, compile_train_step  # noqa: E402
-from recurrent_depth.config import load_config_file  # noqa: E402
+from recurrent_depth.cli.aot import compile_generate, compile_train_step  # noqa: E402
+from recurrent_depth.runtime.config_file import load_config_file  # noqa: E402
 
 # (topology, mesh (data, fsdp, tensor)): FSDP over all chips; the 55 heads allow tensor parallelism of 5 or 11.
 CANDIDATES = {

@@ -24,8 +24,9 @@ import time
 import jax
 import numpy as np
 
-from recurrent_depth import ModelConfig, RecurrentDepthLM, flops, generate, init_params
-from recurrent_depth.kv_cache import CacheStrategy, KVCache
+from recurrent_depth import ModelConfig, RecurrentDepthLM, generate, init_params
+from recurrent_depth.decoding.kv_cache import CacheStrategy, KVCache
+from recurrent_depth.model import flops
 
 PROMPT_LEN, NEW_TOKENS, NUM_STEPS = 32, 32, 8
 

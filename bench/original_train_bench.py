@@ -114,7 +114,7 @@ def main():
 
 if __name__ == "__main__":
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the project, not installed here
-    from recurrent_depth.host_memory import use_huge_pages
+    from recurrent_depth.runtime.host_memory import use_huge_pages
 
     use_huge_pages()
     main()

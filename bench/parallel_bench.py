@@ -28,9 +28,9 @@ import jax
 import numpy as np
 
 from recurrent_depth import generate, parallel_generate
-from recurrent_depth.checkpoint import RUN_CONFIG_FILE, load_workdir_params
-from recurrent_depth.data import expand_paths, read_documents
-from recurrent_depth.tokenizer import load_tokenizer
+from recurrent_depth.checkpoint.train_state import RUN_CONFIG_FILE, load_workdir_params
+from recurrent_depth.data.sources import expand_paths, read_documents
+from recurrent_depth.data.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT_LEN, NEW_TOKENS, NUM_STEPS, BATCHES = 32, 128, 32, (1, 8)

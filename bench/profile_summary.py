@@ -45,7 +45,7 @@ def exclusive_op_seconds(trace_dir: pathlib.Path) -> tuple[dict[str, float], dic
         events = sorted((e.start_ns, -e.end_ns, e.name) for e in line.events if not e.name.startswith("end:"))
         stack = []  # [end, name, start, nested time]
 
-        def pop():
+        def pop(stack=stack):
             end, name, start, nested = stack.pop()
             seconds[name] += (end - start - nested) * 1e-9
             counts[name] += 1

@@ -30,12 +30,12 @@ import time
 
 import jax
 
-from recurrent_depth import flops
-from recurrent_depth.config import base_config
-from recurrent_depth.host_memory import use_huge_pages
-from recurrent_depth.sharding import make_mesh
-from recurrent_depth.synthetic import progression_batches
-from recurrent_depth.training import Trainer
+from recurrent_depth.data.synthetic import progression_batches
+from recurrent_depth.model import flops
+from recurrent_depth.runtime.host_memory import use_huge_pages
+from recurrent_depth.runtime.sharding import make_mesh
+from recurrent_depth.training.config import base_config
+from recurrent_depth.training.step import Trainer
 
 BATCH, SEQ = 4, 256
 SETTINGS = {

@@ -9,7 +9,7 @@ the paper).
 
 import ml_collections
 
-from recurrent_depth.config import base_config
+from recurrent_depth.training.config import base_config
 
 TRAIN_SWAPS = 16  # swaps per training row; every prefix is a target, so lengths 1-16 are trained
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import ml_collections
 
-from recurrent_depth.config import load_config_file
+from recurrent_depth.runtime.config_file import load_config_file
 
 TRAIN_SWAPS = 16  # as in configs/demo.py
 

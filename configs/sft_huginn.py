@@ -17,7 +17,7 @@ from pathlib import Path
 
 import ml_collections
 
-from recurrent_depth.config import load_config_file
+from recurrent_depth.runtime.config_file import load_config_file
 
 SYSTEM_PROMPT = "You are a helpful assistant that can assist users with mathematical reasoning."
 

@@ -12,8 +12,8 @@ perplexity at each iteration count.
 
 import ml_collections
 
-from recurrent_depth.config import base_config
-from recurrent_depth.corpus import DEFAULT_VOCAB_SIZE, TOKENIZER_FILE, TRAIN_FILE, VALID_FILE
+from recurrent_depth.data.corpus import DEFAULT_VOCAB_SIZE, TOKENIZER_FILE, TRAIN_FILE, VALID_FILE
+from recurrent_depth.training.config import base_config
 
 CORPUS_DIR = "corpus/stdlib"
 

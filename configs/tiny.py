@@ -2,7 +2,7 @@
 
 import ml_collections
 
-from recurrent_depth.config import base_config
+from recurrent_depth.training.config import base_config
 
 
 def get_config() -> ml_collections.ConfigDict:

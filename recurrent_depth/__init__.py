@@ -1,25 +1,15 @@
 """recurrent-depth: Huginn-style recurrent-depth language models in JAX/Flax.
 
-The public names load on first use (PEP 562), so that `recurrent_depth.host_memory` can run before jax is imported.
+The names below load on first use, so that `recurrent_depth.runtime.host_memory` can run before jax is imported.
 """
 
-import importlib
+from etils import epy
 
-_EXPORTS = {
-    "ConfigError": "config", "ModelConfig": "config",
-    "GenerateOutput": "decoding", "SpeculativeOutput": "decoding", "generate": "decoding",
-    "speculative_generate": "decoding",
-    "ModelOutput": "model", "RecurrentDepthLM": "model", "init_params": "model",
-    "ParallelOutput": "parallel_decoding", "parallel_generate": "parallel_decoding",
-}
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'recurrent_depth' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"recurrent_depth.{_EXPORTS[name]}"), name)
-
-
-def __dir__():
-    return sorted(list(globals()) + __all__)
+with epy.lazy_api_imports(globals()):
+    from recurrent_depth.checkpoint.huggingface import from_huggingface, to_huggingface
+    from recurrent_depth.checkpoint.loading import load_model
+    from recurrent_depth.decoding.generate import GenerateOutput, SpeculativeOutput, generate, speculative_generate
+    from recurrent_depth.decoding.parallel import ParallelOutput, parallel_generate
+    from recurrent_depth.errors import CheckpointError, ConfigError
+    from recurrent_depth.model.config import ModelConfig
+    from recurrent_depth.model.lm import ModelOutput, RecurrentDepthLM, init_params

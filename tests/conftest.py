@@ -1,7 +1,6 @@
 """Shared fixtures: the tiny reference checkpoints and compiled functions reused across tests."""
 
 import os
-from pathlib import Path
 
 # Eight fake CPU devices for the sharding tests; must be set before jax starts its backend.  CPU only, also in
 # subprocesses: with the `tpu` extra installed jax would otherwise probe for TPUs (the AOT tests still compile
@@ -12,12 +11,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax
 import pytest
 
-from helpers import assert_close, load_config  # noqa: F401  (re-exported for the tests)
-from recurrent_depth.hf import from_huggingface
+from recurrent_depth.checkpoint.huggingface import from_huggingface
 
-FIXTURES = Path(__file__).parent / "fixtures"
-TINY = FIXTURES / "huginn-tiny"
-TINY_242 = FIXTURES / "huginn-tiny-242"
+from helpers import TINY
 
 
 @pytest.fixture(scope="session")

@@ -7,9 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from recurrent_depth.config import load_config_file
+from recurrent_depth.runtime.config_file import load_config_file
 
 CONFIGS = Path(__file__).parent.parent / "configs"
+FIXTURES = Path(__file__).parent / "fixtures"
+TINY = FIXTURES / "huginn-tiny"
+TINY_242 = FIXTURES / "huginn-tiny-242"
 
 
 def load_config(name: str):
@@ -48,7 +51,7 @@ def run_steps(trainer, batches, steps):
 
 def local_iterator(config):
     """This process's batches of config's training data."""
-    from recurrent_depth.data import make_dataset
+    from recurrent_depth.data.pipeline import make_dataset
 
     return iter(make_dataset(config.data, batch_size=config.train.batch_size, seq_len=config.train.seq_len,
                              vocab_size=config.model.vocab_size, seed=config.seed,
@@ -78,7 +81,7 @@ def write_mixture_corpus(directory) -> Path:
     """A tiny JSONL + text corpus and a SentencePiece tokenizer trained on it, in `directory` (returned)."""
     import json
 
-    from recurrent_depth.tokenizer import train_sentencepiece
+    from recurrent_depth.data.tokenizer import train_sentencepiece
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -123,7 +126,7 @@ def train_huginn_style_tokenizer(directory, text: str):
     """A small byte-level BPE `tokenizer.json` with huginn-0125's special tokens (ids 0-5), in `directory`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from recurrent_depth.tokenizer import load_tokenizer
+    from recurrent_depth.data.tokenizer import load_tokenizer
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

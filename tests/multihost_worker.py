@@ -15,13 +15,13 @@ jax.config.update("jax_num_cpu_devices", 4)
 import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
-from recurrent_depth.checkpoint import TrainCheckpointer  # noqa: E402
-from recurrent_depth.sharding import make_mesh  # noqa: E402
-from recurrent_depth.train_loop import train  # noqa: E402
-from recurrent_depth.training import Trainer  # noqa: E402
+from recurrent_depth.checkpoint.train_state import TrainCheckpointer  # noqa: E402
+from recurrent_depth.runtime.sharding import make_mesh  # noqa: E402
+from recurrent_depth.training.loop import train  # noqa: E402
+from recurrent_depth.training.step import Trainer  # noqa: E402
+
 from helpers import MULTIHOST_STEPS as STEPS  # noqa: E402
 from helpers import eval_requests, local_iterator, mixture_run_config, params_checksum  # noqa: E402
-
 
 
 def train_steps(corpus: Path) -> dict:
@@ -56,9 +56,9 @@ def restore_agreed(corpus: Path) -> dict:
 
 
 def evaluate() -> dict:
+    from recurrent_depth.checkpoint.huggingface import from_huggingface
+    from recurrent_depth.data.shell_game import ShellGameTokenizer
     from recurrent_depth.evaluation.engine import Depth, EvalModel
-    from recurrent_depth.hf import from_huggingface
-    from recurrent_depth.shell_game import ShellGameTokenizer
 
     model, params = from_huggingface(Path(__file__).parent / "fixtures" / "huginn-tiny" / "checkpoint")
     lm = EvalModel(model, params, ShellGameTokenizer(), mesh=make_mesh((1, -1, 1)), batch_size=8, progress=False)

@@ -10,16 +10,17 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import load_config, single_cpu_env
-from recurrent_depth import shell_game
-from recurrent_depth.config import ModelConfig
+from recurrent_depth.checkpoint.huggingface import from_huggingface
+from recurrent_depth.checkpoint.loading import check_config
+from recurrent_depth.data import shell_game
+from recurrent_depth.data.batch import IGNORE_INDEX
+from recurrent_depth.data.shell_game import CUPS, SWAPS, ShellGameTokenizer
 from recurrent_depth.evaluation import Depth, EvalModel
-from recurrent_depth.evaluation.runner import check_config
 from recurrent_depth.evaluation.tasks import ShellGameTask, parse_tasks
-from recurrent_depth.hf import from_huggingface
-from recurrent_depth.losses import IGNORE_INDEX
-from recurrent_depth.sharding import make_mesh
-from recurrent_depth.shell_game import CUPS, SWAPS, ShellGameTokenizer
+from recurrent_depth.model.config import ModelConfig
+from recurrent_depth.runtime.sharding import make_mesh
+
+from helpers import load_config, single_cpu_env
 
 ROOT = Path(__file__).parent.parent
 DEMO_FIXTURE = Path(__file__).parent / "fixtures" / "shell-game-demo"
@@ -100,7 +101,8 @@ def test_default_train_then_eval(tmp_path):
     train = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), f"--workdir={workdir}", "--config.train.steps=12",
          "--config.train.batch_size=8", "--config.train.log_every=6", "--config.train.optimizer.warmup_steps=2",
-         "--config.checkpoint.every=6"], capture_output=True, text=True, env=single_cpu_env(), cwd=tmp_path, timeout=600)
+         "--config.checkpoint.every=6"],
+        capture_output=True, text=True, env=single_cpu_env(), cwd=tmp_path, timeout=600)
     assert train.returncode == 0, train.stderr[-3000:]
     run = json.loads((workdir / "config.json").read_text())
     assert run["data"]["kind"] == "shell_game" and len(open(workdir / "metrics.jsonl").readlines()) == 2

@@ -23,12 +23,12 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from tqdm import tqdm
 
-from recurrent_depth import sharding
-from recurrent_depth.chat_template import chat_stop_ids
-from recurrent_depth.decoding import generate
-from recurrent_depth.exit_criteria import ExitCriterion
-from recurrent_depth.model import RecurrentDepthLM, init_params
-from recurrent_depth.tokenizer import Tokenizer
+from recurrent_depth.data.chat_template import chat_stop_ids
+from recurrent_depth.data.tokenizer import Tokenizer
+from recurrent_depth.decoding.exit_criteria import ExitCriterion
+from recurrent_depth.decoding.generate import generate
+from recurrent_depth.model.lm import RecurrentDepthLM, init_params
+from recurrent_depth.runtime import sharding
 
 MIN_BUCKET = 16
 

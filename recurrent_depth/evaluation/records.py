@@ -13,12 +13,9 @@ from collections.abc import Callable
 
 from etils import epath
 
-from recurrent_depth.data import jsonl_records
-from recurrent_depth.paths import as_path
-
-
-class TaskFileError(ValueError):
-    """A task file that cannot be used; the message names the file and, where it applies, the line."""
+from recurrent_depth.data.sources import jsonl_records
+from recurrent_depth.errors import TaskFileError
+from recurrent_depth.runtime.paths import as_path
 
 
 def check_file(path: str | os.PathLike) -> epath.Path:

@@ -12,7 +12,7 @@ import re
 
 from etils import epath
 
-from recurrent_depth.paths import as_path
+from recurrent_depth.runtime.paths import as_path
 
 RESULTS_FILE = "results.json"
 NOT_PLOTTED = ("mean_steps", "seconds")

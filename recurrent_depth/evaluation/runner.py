@@ -3,44 +3,25 @@
 from __future__ import annotations
 
 import datetime
-import math
 import os
 import time
 from collections.abc import Sequence
 
 import jax
 import ml_collections
-from etils import epath
 from tqdm import tqdm
 
-from recurrent_depth import sharding
-from recurrent_depth.checkpoint import load_model, param_shardings, workdir_run_config
-from recurrent_depth.config import ConfigError, ModelConfig, load_config_file
+from recurrent_depth.checkpoint.loading import check_config, checkpoint_run_config, find_tokenizer, load_model
+from recurrent_depth.checkpoint.params import param_shardings
 from recurrent_depth.evaluation import report
 from recurrent_depth.evaluation.engine import Depth, EvalModel
 from recurrent_depth.evaluation.tasks import Task, parse_tasks
-from recurrent_depth.paths import as_path
-from recurrent_depth.tokenizer import Tokenizer, load_tokenizer
+from recurrent_depth.model.config import ModelConfig
+from recurrent_depth.runtime import sharding
+from recurrent_depth.runtime.paths import as_path
 
 DEFAULT_NUM_STEPS = (1, 4, 8, 16, 32)
 DEFAULT_MESH = (1, -1, 1)  # (data, fsdp, tensor): every device on fsdp, the batch over all of them
-# Fields that may differ between a --config and the checkpoint: they change neither the parameters nor the function.
-RUNTIME_FIELDS = ("dtype", "param_dtype", "attention_impl", "remat_policy", "mean_recurrence", "mean_backprop_depth",
-                  "init_scale")
-
-
-def check_config(checkpoint_config: ModelConfig, config: ModelConfig, where: str) -> None:
-    """Raises ConfigError naming every architectural field in which the checkpoint differs from `config`
-    (defaults resolved: an unset head_dim or state_init_std equals its derived value)."""
-    def resolved(c: ModelConfig) -> dict:
-        return c.replace(head_dim=c.resolved_head_dim, state_init_std=c.resolved_state_init_std).to_dict()
-
-    ours, theirs = resolved(checkpoint_config), resolved(config)
-    diffs = [f"{name}: checkpoint {ours[name]!r} != config {theirs[name]!r}" for name in ours
-             if name not in RUNTIME_FIELDS and ours[name] != theirs[name] and not (
-                 isinstance(ours[name], float) and math.isclose(ours[name], theirs[name], rel_tol=1e-6))]
-    if diffs:
-        raise ConfigError(f"the checkpoint does not match {where}:\n  " + "\n  ".join(diffs))
 
 
 def parse_mesh(text: str | Sequence[int]) -> tuple[int, ...]:
@@ -53,30 +34,6 @@ def parse_mesh(text: str | Sequence[int]) -> tuple[int, ...]:
     except ValueError:
         raise ValueError(f"mesh must be three integers like 1,-1,1 (data, fsdp, tensor), got {text!r}") from None
     return sharding.resolve_mesh_shape(shape, jax.device_count())
-
-
-def checkpoint_run_config(checkpoint: epath.Path, config_file: str | None) -> ml_collections.ConfigDict | None:
-    """The --config file's config, else a train.py workdir's own run config, else None."""
-    if config_file:
-        return load_config_file(config_file)
-    run_config = workdir_run_config(checkpoint)
-    return None if run_config is None else ml_collections.ConfigDict(run_config)
-
-
-def find_tokenizer(checkpoint: str | os.PathLike, path: str | None = None,
-                   run_config: ml_collections.ConfigDict | None = None) -> Tokenizer:
-    """`path` (a SentencePiece .model, a tokenizer.json or its directory), else the checkpoint's tokenizer.json,
-    else the run config's data.tokenizer."""
-    checkpoint = as_path(checkpoint)
-    if path:
-        return load_tokenizer("sentencepiece" if str(path).endswith(".model") else "huggingface", path)
-    if (checkpoint / "tokenizer.json").exists():
-        return load_tokenizer("huggingface", checkpoint)
-    named = run_config is not None and run_config.get("data") and run_config.data.tokenizer
-    if named and (named.path or named.kind == "shell_game"):
-        return load_tokenizer(named.kind, named.path)
-    raise FileNotFoundError(f"no tokenizer for {checkpoint}: it has no tokenizer.json and no config names one; "
-                            f"pass --tokenizer=PATH (a SentencePiece .model or a tokenizer.json)")
 
 
 def load_eval_model(checkpoint: str | os.PathLike, *, tokenizer: str | None = None, config: str | None = None,

@@ -15,11 +15,11 @@ from typing import ClassVar
 import numpy as np
 from etils import epath
 
-from recurrent_depth import shell_game
-from recurrent_depth.chat_template import render_chat
+from recurrent_depth.data import shell_game
+from recurrent_depth.data.chat_template import render_chat
+from recurrent_depth.data.tokenizer import apply_chat_template
 from recurrent_depth.evaluation import answers, records
 from recurrent_depth.evaluation.engine import Depth, EvalModel, Generations, generate_text
-from recurrent_depth.tokenizer import apply_chat_template
 
 GEN_STOP_STRINGS = ("Question:", "</s>", "<|im_end|>")  # lm-eval's gsm8k `until`
 

@@ -1,8 +1,8 @@
-"""Looking inside the recurrence: per-iteration decoding, convergence and latent trajectories (see README).
+"""Looking inside the recurrence: per-iteration decoding, convergence and latent trajectories (see README);
+`python -m recurrent_depth.cli.inspect` draws them for a checkpoint and a prompt."""
 
-  python -m recurrent_depth.inspect --checkpoint=DIR --prompt="..." --num_steps=32 --output=DIR
-"""
+from etils import epy
 
-from recurrent_depth.inspect.decode import IterationDecoding, decode_iterations, pca, relative_change
-
-__all__ = ["IterationDecoding", "decode_iterations", "pca", "relative_change"]
+with epy.lazy_api_imports(globals()):
+    from recurrent_depth.inspect.decode import IterationDecoding, decode_iterations, pca, relative_change
+    from recurrent_depth.inspect.report import inspect_tokens

@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from recurrent_depth.attention import attention_mask
-from recurrent_depth.layers import rope_angles
-from recurrent_depth.model import RecurrentDepthLM, check_token_ids
+from recurrent_depth.model.attention import attention_mask
+from recurrent_depth.model.layers import rope_angles
+from recurrent_depth.model.lm import RecurrentDepthLM, check_token_ids
 
 
 @flax.struct.dataclass

@@ -14,8 +14,8 @@ from matplotlib.figure import Figure
 
 from recurrent_depth.inspect import plots
 from recurrent_depth.inspect.decode import decode_iterations, pca, relative_change
-from recurrent_depth.model import RecurrentDepthLM
-from recurrent_depth.paths import as_path
+from recurrent_depth.model.lm import RecurrentDepthLM
+from recurrent_depth.runtime.paths import as_path
 
 NUM_COMPONENTS = 2 * len(plots.PC_PAIRS)
 
