@@ -1,6 +1,6 @@
 """Generation throughput at the "bench-small" shape; prints one JSON line.
 
-  python bench/generate_bench.py [--repeats 3]
+  python bench/generate_bench.py [--repeats=3]
 
 bench-small: hidden 512, 8 heads, (2, 4, 2) layers, MLP 1536, vocab 32768, float32, r = 8 iterations per token,
 32-token prompts, 32 new tokens (greedy, random initial state), one device.  For batch 1 and 16 and the cache
@@ -17,18 +17,23 @@ matmul peak (the prefill likewise).
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 import time
 
 import jax
 import numpy as np
+from absl import flags
 
 from recurrent_depth import ModelConfig, RecurrentDepthLM, generate, init_params
+from recurrent_depth.cli import app
 from recurrent_depth.decoding.kv_cache import CacheStrategy, KVCache
 from recurrent_depth.model import flops
 
 PROMPT_LEN, NEW_TOKENS, NUM_STEPS = 32, 32, 8
+FLAGS = flags.FlagValues()
+flags.DEFINE_integer("repeats", 3, "timed calls per setting after the compiling one (the best counts)",
+                     flag_values=FLAGS)
 
 
 def bench_model():
@@ -79,13 +84,15 @@ def run(model, params, batch: int, strategy: str, repeats: int, peak: float) -> 
             "prefill_s": round(prefill, 3), "first_call_s": round(first_call, 2), "cache_mib": round(cache / 2**20, 2)}
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> int:
+    return app.run(_bench, FLAGS, argv, doc=__doc__, prog="bench/generate_bench.py")
+
+
+def _bench(positional: list[str]) -> None:
+    app.positional(positional)
     model, params = bench_model()
     peak = flops.measure_matmul_peak()
-    results = [run(model, params, batch, strategy, args.repeats, peak)
+    results = [run(model, params, batch, strategy, FLAGS.repeats, peak)
                for batch in (1, 16) for strategy in ("full", "compress-4")]
     print(json.dumps({"bench": "generate", "shape": "bench-small", "num_steps": NUM_STEPS, "prompt_len": PROMPT_LEN,
                       "new_tokens": NEW_TOKENS, "dtype": "float32", "device": jax.devices()[0].device_kind,
@@ -95,4 +102,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -18,8 +18,12 @@ torch.optim.AdamW(lr 1e-4, betas 0.9/0.95, weight decay 0.1). The 4 gradient ite
 (the original checkpoints per iteration only when gradient_checkpointing is enabled, which is off by default);
 --checkpoint-iterations turns that on, to compare with the project's per-iteration rematerialisation.
 One warm-up step, then --steps timed steps; tokens_per_sec = steps * 1024 / their total time.  Like
-train_bench.py it runs with glibc's transparent huge pages (recurrent_depth/host_memory.py, stdlib only), so that
-both run under the same allocator; GLIBC_TUNABLES=glibc.malloc.hugetlb=0 turns them off for both.
+train_bench.py it runs with glibc's transparent huge pages (recurrent_depth/runtime/host_memory.py, stdlib only),
+so that both run under the same allocator; GLIBC_TUNABLES=glibc.malloc.hugetlb=0 turns them off for both.
+
+Unlike every other entry point of the project (absl flags with underscores, recurrent_depth.cli.app), this one
+parses its flags with argparse: it runs in the torch venv, where neither this package (only its stdlib-only
+host_memory module is imported, from the source tree) nor absl is installed.
 """
 
 from __future__ import annotations

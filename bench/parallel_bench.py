@@ -1,23 +1,21 @@
 """Parallel sampling against token-by-token generation on the small trained text model; prints one JSON line.
 
-  python bench/parallel_bench.py [--workdir workdir_text_small] [--repeats 1]
+  python bench/parallel_bench.py [--workdir=workdir_text_small] [--repeats=1]
 
-The model is configs/text_small.py's; if --workdir holds no checkpoint, the bench builds the corpus
-(recurrent_depth.corpus) into it and train.py trains it there first (about 15 CPU minutes, once).  Prompts:
-32-token beginnings of held-out documents.  At r = 32 iterations per token (the prefill of both samplers too),
-128 new tokens, greedy, the model's init scale, no stop tokens, batch 1 and 8: `generate` (the `full` cache),
-then `parallel_generate` for a few settings.  Per row: tokens/s over the whole call (the best of --repeats after
-a compiling call); core passes per token (applications of the core block, each over every position in flight:
-the weight reads); iterations per token (core iterations over all positions: the arithmetic); agreement with
+The model is configs/text_small.py's; if --workdir holds no checkpoint, the bench builds the corpus (`python -m
+recurrent_depth.cli.corpus stdlib`) into it and train.py trains it there first (about 15 CPU minutes, once).
+Prompts: 32-token beginnings of held-out documents.  At r = 32 iterations per token (the prefill of both samplers
+too), 128 new tokens, greedy, the model's init scale, no stop tokens, batch 1 and 8: `generate` (the `full` cache),
+then `parallel_generate` for a few settings.  Per row: tokens/s over the whole call (the best of --repeats after a
+compiling call); core passes per token (applications of the core block, each over every position in flight: the
+weight reads); iterations per token (core iterations over all positions: the arithmetic); agreement with
 `generate`'s tokens: the fraction of identical tokens and the first position where a row differs (mean over the
-rows that differ; null: none does).
-`generate_self_agreement` compares generate with another seed of the random initial state: the agreement that
-noise alone leaves.
+rows that differ; null: none does).  `generate_self_agreement` compares generate with another seed of the random
+initial state: the agreement that noise alone leaves.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -26,14 +24,20 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from absl import flags
 
 from recurrent_depth import generate, parallel_generate
 from recurrent_depth.checkpoint.train_state import RUN_CONFIG_FILE, load_workdir_params
+from recurrent_depth.cli import app
 from recurrent_depth.data.sources import expand_paths, read_documents
 from recurrent_depth.data.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT_LEN, NEW_TOKENS, NUM_STEPS, BATCHES = 32, 128, 32, (1, 8)
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("workdir", str(ROOT / "workdir_text_small"), "a train.py workdir of configs/text_small.py "
+                    "(trained there if it has no checkpoint)", flag_values=FLAGS)
+flags.DEFINE_integer("repeats", 1, "timed calls per setting after the compiling one", flag_values=FLAGS)
 # name -> parallel_generate settings (the defaults: max_wavefront 128, inner_steps 4, exit_threshold 0.03).
 SETTINGS = {
     "parallel default": {},
@@ -55,7 +59,7 @@ def trained_model(workdir: Path):
         print(f"no checkpoint in {workdir}: building {corpus} and training configs/text_small.py (once)",
               file=sys.stderr)
         if not (corpus / "tokenizer.model").exists():
-            subprocess.run([sys.executable, "-m", "recurrent_depth.corpus", "stdlib", "--output", str(corpus)],
+            subprocess.run([sys.executable, "-m", "recurrent_depth.cli.corpus", "stdlib", f"--output={corpus}"],
                            cwd=ROOT, check=True)
         config = f"--config={ROOT / 'configs' / 'text_small.py'}:{corpus}"
         subprocess.run([sys.executable, str(ROOT / "train.py"), config, f"--workdir={workdir}"], cwd=ROOT, check=True)
@@ -125,19 +129,19 @@ def bench(model, params, ids: np.ndarray, repeats: int) -> list[dict]:
     return rows
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", default=str(ROOT / "workdir_text_small"),
-                        help="a train.py workdir of configs/text_small.py (trained there if it has no checkpoint)")
-    parser.add_argument("--repeats", type=int, default=1, help="timed calls per setting after the compiling one")
-    args = parser.parse_args(argv)
-    model, params, run = trained_model(Path(args.workdir))
+def main(argv: list[str] | None = None) -> int:
+    return app.run(_bench, FLAGS, argv, doc=__doc__, prog="bench/parallel_bench.py")
+
+
+def _bench(positional: list[str]) -> None:
+    app.positional(positional)
+    model, params, run = trained_model(Path(FLAGS.workdir))
     ids = prompts(run, max(BATCHES))
-    rows = [row for batch in BATCHES for row in bench(model, params, ids[:batch], args.repeats)]
-    print(json.dumps({"bench": "parallel_sampling", "workdir": str(args.workdir), "num_steps": NUM_STEPS,
+    rows = [row for batch in BATCHES for row in bench(model, params, ids[:batch], FLAGS.repeats)]
+    print(json.dumps({"bench": "parallel_sampling", "workdir": str(FLAGS.workdir), "num_steps": NUM_STEPS,
                       "prompt_len": PROMPT_LEN, "new_tokens": NEW_TOKENS, "devices": str(jax.devices()[0]),
                       "rows": rows}))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

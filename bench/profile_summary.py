@@ -1,9 +1,9 @@
 """Where a CPU train step spends its time, from a jax.profiler trace: XLA op time per kind, the costliest other ops,
 and the matmuls' achieved FLOP/s per shape.
 
-  python bench/profile_summary.py DIR [--top 15]
+  python bench/profile_summary.py DIR [--top=15]
 
-DIR is what `bench/train_bench.py --profile DIR` wrote for one setting (DIR/<setting>): the trace of the timed steps
+DIR is what `bench/train_bench.py --profile=DIR` wrote for one setting (DIR/<setting>): the trace of the timed steps
 and `step.hlo.txt`, the compiled step, whose instructions name the trace's events.  Times are exclusive (an event's
 duration less that of the events nested in it) and summed over XLA's worker threads.  Caveat: XLA:CPU runs a dot
 whose operand needs a transpose (the weight gradients) through Eigen asynchronously; its event marks only the
@@ -13,13 +13,19 @@ isolated products.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import math
 import pathlib
 import re
+import sys
 
 import jax
+from absl import flags
+
+from recurrent_depth.cli import app
+
+FLAGS = flags.FlagValues()
+flags.DEFINE_integer("top", 15, "rows per table", flag_values=FLAGS)
 
 _SHAPE = r"(?:f32|bf16|f16)\[([\d,]*)\]"
 _INSTRUCTION = re.compile(r"\s*(?:ROOT )?%([\w.\-]+) = " + _SHAPE)
@@ -91,13 +97,14 @@ def kind(name: str, dots: dict) -> str:
     return "elementwise and other"
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("dir", type=pathlib.Path)
-    parser.add_argument("--top", type=int, default=15)
-    args = parser.parse_args()
-    seconds, counts = exclusive_op_seconds(args.dir)
-    hlo = args.dir / "step.hlo.txt"
+def main(argv: list[str] | None = None) -> int:
+    return app.run(_summary, FLAGS, argv, doc=__doc__, prog="bench/profile_summary.py")
+
+
+def _summary(positional: list[str]) -> None:
+    directory = pathlib.Path(app.positional(positional, "DIR")[0])
+    seconds, counts = exclusive_op_seconds(directory)
+    hlo = directory / "step.hlo.txt"
     dots = dot_shapes(hlo.read_text()) if hlo.exists() else {}
     total = sum(seconds.values())
     by_kind = collections.Counter()
@@ -108,7 +115,7 @@ def main():
         print(f"  {k:22s} {s:7.2f} s  {s / total:6.1%}")
     print("costliest non-matmul ops:")
     others = sorted(((s, n) for n, s in seconds.items() if kind(n, dots) != "matmul"), reverse=True)
-    for s, name in others[:args.top]:
+    for s, name in others[:FLAGS.top]:
         print(f"  {s:7.3f} s  x{counts[name]:<4d} {name}")
     if dots:
         shapes = collections.defaultdict(lambda: [0.0, 0.0, 0])
@@ -120,9 +127,9 @@ def main():
                 entry[1] += flop * counts[name]
                 entry[2] += counts[name]
         print("matmuls by shape (lhs x rhs -> out): seconds, achieved GFLOP/s, calls")
-        for (lhs, rhs, out), (s, flop, n) in sorted(shapes.items(), key=lambda kv: -kv[1][0])[:args.top]:
+        for (lhs, rhs, out), (s, flop, n) in sorted(shapes.items(), key=lambda kv: -kv[1][0])[:FLAGS.top]:
             print(f"  {s:7.3f} s  {flop / max(s, 1e-9) / 1e9:8.1f}  x{n:<4d} {list(lhs)} x {list(rhs)} -> {list(out)}")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,6 +1,6 @@
 """Train-step throughput, MFU and HFU at the "bench-small" shape; prints one JSON line.
 
-  python bench/train_bench.py [--steps 5] [--peak-size 2048] [--profile DIR]
+  python bench/train_bench.py [--steps=5] [--peak_size=2048] [--profile=DIR]
 
 bench-small: hidden 512, 8 heads, (2, 4, 2) layers, MLP 1536, vocab 32768, batch 4 x 256 tokens, n = k = 4,
 float32, one device.  Three settings:
@@ -10,26 +10,28 @@ float32, one device.  Three settings:
                   storing and re-reading their outputs;
   defaults        the project's defaults: ELLIS-Adam, per-iteration rematerialisation (remat_policy=nothing).
 MFU counts model FLOPs, HFU hardware FLOPs (also the recomputed forward), both against this machine's measured
-float32 matmul peak (recurrent_depth.flops).  Memory: the compiled step's temporary buffers for r = 8 and r = 32
-at the same k (one compiled program serves every n, so they are equal) and the process's peak resident memory.
-`--profile DIR` writes a jax.profiler trace of the timed steps of each setting, and the compiled step's HLO, to
-DIR/<setting>; `python bench/profile_summary.py DIR/<setting>` then says where the time went.  It runs with
-glibc's transparent huge pages, as train.py does (recurrent_depth/host_memory.py; GLIBC_TUNABLES=glibc.malloc.hugetlb=0
-measures without).
+float32 matmul peak (recurrent_depth.model.flops).  Memory: the compiled step's temporary buffers for r = 8 and
+r = 32 at the same k (one compiled program serves every n, so they are equal) and the process's peak resident memory.
+`--profile=DIR` writes a jax.profiler trace of the timed steps of each setting, and the compiled step's HLO, to
+DIR/<setting>; `python bench/profile_summary.py DIR/<setting>` then says where the time went.  It runs with glibc's
+transparent huge pages, as train.py does (recurrent_depth/runtime/host_memory.py;
+GLIBC_TUNABLES=glibc.malloc.hugetlb=0 measures without).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
 import pathlib
 import resource
+import sys
 import time
 
 import jax
+from absl import flags
 
+from recurrent_depth.cli import app
 from recurrent_depth.data.synthetic import progression_batches
 from recurrent_depth.model import flops
 from recurrent_depth.runtime.host_memory import use_huge_pages
@@ -38,6 +40,10 @@ from recurrent_depth.training.config import base_config
 from recurrent_depth.training.step import Trainer
 
 BATCH, SEQ = 4, 256
+FLAGS = flags.FlagValues()
+flags.DEFINE_integer("steps", 5, "timed steps per setting, after one warm-up step", flag_values=FLAGS)
+flags.DEFINE_integer("peak_size", 2048, "matmul size for the measured peak", flag_values=FLAGS)
+flags.DEFINE_string("profile", None, "directory for jax.profiler traces of the timed steps", flag_values=FLAGS)
 SETTINGS = {
     "original_work": {"optimizer": "adamw", "remat_policy": "everything"},
     "original_flops": {"optimizer": "adamw", "remat_policy": "matmuls"},
@@ -78,18 +84,18 @@ def run(config, steps: int, profile_dir: str | None = None):
     return trainer, steps * BATCH * SEQ / elapsed, memory, compiles
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--peak-size", type=int, default=2048, help="matmul size for the measured peak")
-    parser.add_argument("--profile", default=None, help="directory for jax.profiler traces of the timed steps")
-    args = parser.parse_args()
-    peak = flops.measure_matmul_peak(args.peak_size)
+def main(argv: list[str] | None = None) -> int:
+    return app.run(_bench, FLAGS, argv, doc=__doc__, prog="bench/train_bench.py")
+
+
+def _bench(positional: list[str]) -> None:
+    app.positional(positional)
+    peak = flops.measure_matmul_peak(FLAGS.peak_size)
     out = {"bench": "train_step", "shape": "bench-small", "backend": jax.default_backend(), "n": 4, "k": 4,
            "matmul_peak_tflops": round(peak / 1e12, 4), "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
     for name, setting in SETTINGS.items():
-        profile = f"{args.profile}/{name}" if args.profile else None
-        trainer, tokens_per_sec, memory, compiles = run(bench_config(4, 4, **setting), args.steps, profile)
+        profile = f"{FLAGS.profile}/{name}" if FLAGS.profile else None
+        trainer, tokens_per_sec, memory, compiles = run(bench_config(4, 4, **setting), FLAGS.steps, profile)
         cfg = trainer.model_config
         model, hardware = flops.train_flops_per_token(cfg, SEQ, 4, 4), flops.hardware_train_flops_per_token(cfg, SEQ, 4)
         out[name] = {**setting, "tokens_per_sec": round(tokens_per_sec, 1),
@@ -104,4 +110,4 @@ def main():
 
 if __name__ == "__main__":
     use_huge_pages()
-    main()
+    sys.exit(main())

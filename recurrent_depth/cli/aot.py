@@ -1,9 +1,9 @@
 """Ahead-of-time compilation of the train step and of generation for TPU slices, from any machine with the
-`tpu` extra.
+`tpu` extra:
 
-  python -m recurrent_depth.aot --config=configs/huginn_3p5b.py --topology=v5p:4x4x4 --mesh=1,-1,4 \\
+  python -m recurrent_depth.cli.aot --config=configs/huginn_3p5b.py --topology=v5p:4x4x4 --mesh=1,-1,4 \\
       [--config.model.remat_policy=nothing] [--config.train.batch_size=...]
-  python -m recurrent_depth.aot --step=generate --topology=v5e:2x2 --batch_size=16 --prompt_len=1024 \\
+  python -m recurrent_depth.cli.aot --step=generate --topology=v5e:2x2 --batch_size=16 --prompt_len=1024 \\
       --max_new_tokens=256 --num_steps=32 --cache_strategy=compress-4
 
 Prints one JSON line: per-device argument/output/temporary memory against the chip's HBM, whether it fits,
@@ -14,24 +14,41 @@ loop body counts once, so generation's FLOPs are those of one pass through its l
 from __future__ import annotations
 
 import json
+import sys
 import time
 
-from absl import app, flags
+import flax.linen as nn
+import jax
+from absl import flags
 from ml_collections import config_flags
 
+from recurrent_depth.cli import app
+from recurrent_depth.decoding.generate import lower_generate
+from recurrent_depth.model.config import ModelConfig
+from recurrent_depth.model.lm import RecurrentDepthLM, init_params
+from recurrent_depth.runtime import sharding
+from recurrent_depth.training.step import Trainer
+
+PROG = "python -m recurrent_depth.cli.aot"
 GIB = 2**30
 HBM_BYTES = {"TPU v4": 32 * GIB, "TPU v5 lite": 16 * GIB, "TPU v5": 95 * GIB, "TPU v6 lite": 32 * GIB}
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/huginn_3p5b.py", "ml_collections config file.")
-_TOPOLOGY = flags.DEFINE_string("topology", "v5p:2x2x1", "TPU topology name, e.g. v5p:4x4x4, v5e:4x4, v6e:4x4.")
-_MESH = flags.DEFINE_string("mesh", "1,-1,1", "data,fsdp,tensor sizes (one may be -1).")
+FLAGS = flags.FlagValues()
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/huginn_3p5b.py", "ml_collections config file.",
+                                          flag_values=FLAGS, sys_argv=app.ARGV)
+_TOPOLOGY = flags.DEFINE_string("topology", "v5p:2x2x1", "TPU topology name, e.g. v5p:4x4x4, v5e:4x4, v6e:4x4.",
+                                flag_values=FLAGS)
+_MESH = flags.DEFINE_string("mesh", "1,-1,1", "data,fsdp,tensor sizes (one may be -1).", flag_values=FLAGS)
 _STEP = flags.DEFINE_enum("step", "train", ["train", "generate"], "What to compile: the train step (shapes from "
-                          "the config's train section) or generation (shapes from the flags below).")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "generate: sequences per batch.")
-_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 1024, "generate: prompt tokens.")
-_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 256, "generate: tokens generated.")
-_NUM_STEPS = flags.DEFINE_integer("num_steps", 32, "generate: iterations of the core block per token.")
-_CACHE_STRATEGY = flags.DEFINE_string("cache_strategy", "full", "generate: full, compress-K, latest[-compress-K].")
+                          "the config's train section) or generation (shapes from the flags below).",
+                          flag_values=FLAGS)
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "generate: sequences per batch.", flag_values=FLAGS)
+_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 1024, "generate: prompt tokens.", flag_values=FLAGS)
+_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 256, "generate: tokens generated.", flag_values=FLAGS)
+_NUM_STEPS = flags.DEFINE_integer("num_steps", 32, "generate: iterations of the core block per token.",
+                                  flag_values=FLAGS)
+_CACHE_STRATEGY = flags.DEFINE_string("cache_strategy", "full", "generate: full, compress-K, latest[-compress-K].",
+                                      flag_values=FLAGS)
 
 
 def _tpu_devices(topology: str):
@@ -43,8 +60,6 @@ def _tpu_devices(topology: str):
 def _compile_and_report(lowered, devices, start: float) -> dict:
     """Compiles; per-device memory against the chip's HBM, compiled FLOPs and compile time.  A program that XLA
     finds too large for the chip is reported as not fitting, with XLA's message."""
-    import jax
-
     hbm = HBM_BYTES.get(devices[0].device_kind)
     try:
         compiled = lowered.compile()
@@ -76,14 +91,6 @@ def compile_generate(config, topology: str, mesh_shape, *, batch_size: int, prom
     """Compiles greedy generation (prefill and the decode loop, one compiled function) of config's model for
     `topology`, parameters sharded like in training and the batch over the data axes; reports memory per
     device (the KV cache is in the temporaries)."""
-    import flax.linen as nn
-    import jax
-
-    from recurrent_depth.decoding.generate import lower_generate
-    from recurrent_depth.model.config import ModelConfig
-    from recurrent_depth.model.lm import RecurrentDepthLM, init_params
-    from recurrent_depth.runtime import sharding
-
     devices = _tpu_devices(topology)
     mesh = sharding.make_mesh(mesh_shape, devices)
     rules = sharding.rules_from_config(config.mesh.rules)
@@ -109,12 +116,9 @@ def compile_generate(config, topology: str, mesh_shape, *, batch_size: int, prom
 
 def compile_train_step(config, topology: str, mesh_shape) -> dict:
     """Compiles config's train step for `topology` and reports memory and FLOPs per device."""
-    from recurrent_depth.runtime.sharding import make_mesh
-    from recurrent_depth.training.step import Trainer
-
     devices = _tpu_devices(topology)
     config.mesh.shape = tuple(mesh_shape)
-    trainer = Trainer(config, make_mesh(mesh_shape, devices))
+    trainer = Trainer(config, sharding.make_mesh(mesh_shape, devices))
     start = time.perf_counter()
     report = _compile_and_report(trainer.lower(), devices, start)
     t, m = config.train, config.model
@@ -127,10 +131,16 @@ def compile_train_step(config, topology: str, mesh_shape) -> dict:
     }
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    mesh = tuple(int(x) for x in _MESH.value.split(","))
+def main(argv: list[str] | None = None) -> int:
+    return app.run(_aot, FLAGS, argv, doc=__doc__, prog=PROG)
+
+
+def _aot(args: list[str]) -> int:
+    app.positional(args)
+    try:
+        mesh = tuple(int(x) for x in _MESH.value.split(","))
+    except ValueError:
+        raise app.UsageError(f"--mesh must be comma-separated integers, got {_MESH.value!r}") from None
     if _STEP.value == "train":
         result = compile_train_step(_CONFIG.value, _TOPOLOGY.value, mesh)
     else:
@@ -138,7 +148,8 @@ def main(argv):
                                   prompt_len=_PROMPT_LEN.value, max_new_tokens=_MAX_NEW_TOKENS.value,
                                   num_steps=_NUM_STEPS.value, cache_strategy=_CACHE_STRATEGY.value)
     print(json.dumps(result))
+    return 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    sys.exit(main())

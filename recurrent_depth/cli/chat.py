@@ -1,53 +1,57 @@
 """Chat with a model in the terminal, tokens printed as they become final:
 
-  python -m recurrent_depth.chat --checkpoint=huginn-0125 --num_steps=32 --system="You are a helpful assistant."
+  python -m recurrent_depth.cli.chat --checkpoint=DIR [--num_steps=32] [--system="You are a helpful assistant."] \\
+      [--sampler=parallel] [--temperature=0.7 --top_p=0.9] [--show_steps]
 
-DIR is a Hugging Face checkpoint directory (its tokenizer.json is used), a parameter checkpoint or a train.py
-workdir (the tokenizer its run config names), as for eval.py.  The conversation is rendered with the tokenizer's
-chat template (recurrent_depth.chat_template).  When it no longer fits the model's context with room for a reply,
-the oldest turns are dropped (the system prompt stays) with a notice.  Commands: /reset (a new conversation),
-/quit (or end of input).
+DIR (e.g. huginn-0125) is a Hugging Face checkpoint directory (its tokenizer.json is used), a parameter checkpoint
+or a train.py workdir (the tokenizer its run config names), as for eval.py.  The conversation is rendered with the
+tokenizer's chat template (recurrent_depth.data.chat_template).  When it no longer fits the model's context with
+room for a reply, the oldest turns are dropped (the system prompt stays) with a notice.  Commands: /reset (a new
+conversation), /quit (or end of input).  Exit status: 0, 1 for bad input (a one-line message), 2 for usage errors.
 """
 
 from __future__ import annotations
 
-import argparse
+import functools
 import sys
 from typing import TextIO
 
+from absl import flags
+
 from recurrent_depth.checkpoint.loading import checkpoint_run_config, find_tokenizer, load_model
+from recurrent_depth.cli import app
 from recurrent_depth.decoding.chat import SAMPLERS, ChatSession, check_chat_template
 from recurrent_depth.runtime.paths import as_path
 
+PROG = "python -m recurrent_depth.cli.chat"
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("checkpoint", None, "HF checkpoint directory, parameter checkpoint or workdir", flag_values=FLAGS)
+flags.DEFINE_string("tokenizer", None, "SentencePiece .model or tokenizer.json (default: the checkpoint's)",
+                    flag_values=FLAGS)
+flags.DEFINE_string("system", None, "system prompt", flag_values=FLAGS)
+flags.DEFINE_enum("sampler", "generate", SAMPLERS, "generate: token by token; parallel: the diffusion-style sampler",
+                  flag_values=FLAGS)
+flags.DEFINE_integer("num_steps", None, "core iterations per token (default: the model's mean recurrence; with an "
+                     "exit criterion, the most)", flag_values=FLAGS)
+flags.DEFINE_string("exit_criterion", None, "adaptive exit per token (generate): entropy-diff, latent-diff, kl, "
+                    "minp-kl, argmax-stability, cosine", flag_values=FLAGS)
+flags.DEFINE_float("exit_threshold", None, "exit threshold (parallel: the latent-diff freezing threshold)",
+                   flag_values=FLAGS)
+flags.DEFINE_float("temperature", 0.0, "0: greedy", flag_values=FLAGS)
+flags.DEFINE_integer("top_k", None, "sample from the k most likely tokens", flag_values=FLAGS)
+flags.DEFINE_float("top_p", None, "nucleus sampling: the smallest set of tokens with this probability",
+                   flag_values=FLAGS)
+flags.DEFINE_float("min_p", None, "drop tokens below this fraction of the top token's probability",
+                   flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "sampling seed", flag_values=FLAGS)
+flags.DEFINE_string("cache_strategy", None, "KV cache strategy (default: the sampler's)", flag_values=FLAGS)
+flags.DEFINE_integer("max_new_tokens", 256, "most tokens per reply", flag_values=FLAGS)
+flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "parameter and compute dtype", flag_values=FLAGS)
+flags.DEFINE_bool("show_steps", False, "print the iterations each token used", flag_values=FLAGS)
+flags.mark_flag_as_required("checkpoint", flag_values=FLAGS)
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m recurrent_depth.chat", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="HF checkpoint directory, parameter checkpoint or workdir")
-    p.add_argument("--tokenizer", default=None, help="SentencePiece .model or tokenizer.json (default: the "
-                   "checkpoint's)")
-    p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--sampler", choices=SAMPLERS, default="generate",
-                   help="generate: token by token; parallel: the diffusion-style sampler")
-    p.add_argument("--num_steps", type=int, default=None, help="core iterations per token (default: the model's "
-                   "mean recurrence; with an exit criterion, the most)")
-    p.add_argument("--exit_criterion", default=None, help="adaptive exit per token (generate): entropy-diff, "
-                   "latent-diff, kl, minp-kl, argmax-stability, cosine")
-    p.add_argument("--exit_threshold", type=float, default=None, help="exit threshold (parallel: the latent-diff "
-                   "freezing threshold)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--top_k", type=int, default=None)
-    p.add_argument("--top_p", type=float, default=None)
-    p.add_argument("--min_p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache_strategy", default=None, help="KV cache strategy (default: the sampler's)")
-    p.add_argument("--max_new_tokens", type=int, default=256)
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
-    p.add_argument("--show_steps", action="store_true", help="print the iterations each token used")
-    return p.parse_args(argv)
 
-
-def _settings(args: argparse.Namespace) -> dict:
+def _settings(args: flags.FlagValues) -> dict:
     """The sampler's keyword arguments from the flags (unset ones left to the sampler's defaults)."""
     if args.sampler == "parallel" and args.exit_criterion:
         raise ValueError("--exit_criterion is for --sampler=generate; the parallel sampler freezes positions by "
@@ -58,7 +62,7 @@ def _settings(args: argparse.Namespace) -> dict:
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 
-def load(args: argparse.Namespace):
+def load(args: flags.FlagValues):
     """(model, params, tokenizer) of the checkpoint; ValueError/FileNotFoundError for bad input."""
     checkpoint = as_path(args.checkpoint)
     if not checkpoint.exists():
@@ -69,17 +73,20 @@ def load(args: argparse.Namespace):
     return model, params, tokenizer
 
 
-def main(argv=None, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) -> int:
-    args = parse_args(argv)
-    try:
-        settings = _settings(args)
-        model, params, tokenizer = load(args)
-        session = ChatSession(model, params, tokenizer, system=args.system, sampler=args.sampler,
-                              max_new_tokens=args.max_new_tokens, out=out, **settings)
-    except (FileNotFoundError, ValueError) as err:  # bad input: a message, not a traceback
-        print(f"chat: error: {err}", file=sys.stderr)
-        return 2
-    out.write(f"[{args.checkpoint}: {args.sampler} sampler; /reset starts over, /quit ends]\n")
+def main(argv: list[str] | None = None, stdin: TextIO | None = None, out: TextIO | None = None) -> int:
+    """The chat on `stdin` (default: sys.stdin) and `out` (default: sys.stdout); 0, 1 (bad input) or 2 (usage)."""
+    return app.run(functools.partial(_chat, stdin=sys.stdin if stdin is None else stdin,
+                                     out=sys.stdout if out is None else out), FLAGS, argv,
+                   doc=__doc__, prog=PROG)
+
+
+def _chat(args: list[str], stdin: TextIO, out: TextIO) -> int:
+    app.positional(args)
+    settings = _settings(FLAGS)  # bad input raises (ValueError, FileNotFoundError): a message, not a traceback
+    model, params, tokenizer = load(FLAGS)
+    session = ChatSession(model, params, tokenizer, system=FLAGS.system, sampler=FLAGS.sampler,
+                          max_new_tokens=FLAGS.max_new_tokens, out=out, **settings)
+    out.write(f"[{FLAGS.checkpoint}: {FLAGS.sampler} sampler; /reset starts over, /quit ends]\n")
     while True:
         out.write("> ")
         out.flush()
@@ -93,12 +100,8 @@ def main(argv=None, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) -> int:
             session.notice("new conversation")
         elif text.startswith("/"):
             session.notice(f"unknown command {text.split()[0]}; commands: /reset, /quit")
-        elif text:
-            try:
-                session.reply(text, show_steps=args.show_steps)
-            except ValueError as err:  # settings the sampler rejects (checked before compiling)
-                print(f"chat: error: {err}", file=sys.stderr)
-                return 2
+        elif text:  # settings the sampler rejects raise ValueError here (checked before compiling)
+            session.reply(text, show_steps=FLAGS.show_steps)
 
 
 if __name__ == "__main__":

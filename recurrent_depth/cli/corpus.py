@@ -1,36 +1,44 @@
 """Offline training corpora (recurrent_depth.data.corpus):
 
-  python -m recurrent_depth.cli.corpus stdlib --output corpus/stdlib [--vocab-size 4096]
+  python -m recurrent_depth.cli.corpus stdlib --output=corpus/stdlib [--vocab_size=4096] [--valid_percent=2] \\
+      [--max_files=N] [--root=DIR]
+
+stdlib: the Python standard library's source as JSONL, with a tokenizer.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
-from collections.abc import Sequence
 
+from absl import flags
+
+from recurrent_depth.cli import app
 from recurrent_depth.data.corpus import DEFAULT_VOCAB_SIZE, prepare_stdlib
 
+PROG = "python -m recurrent_depth.cli.corpus"
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("output", None, "directory to write (local or gs://)", flag_values=FLAGS)
+flags.DEFINE_string("root", None, "source directory (default: this interpreter's standard library)",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("vocab_size", DEFAULT_VOCAB_SIZE, "tokenizer vocabulary size", flag_values=FLAGS)
+flags.DEFINE_float("valid_percent", 2.0, "share of files held out (by path hash)", flag_values=FLAGS)
+flags.DEFINE_integer("max_files", None, "use only this many files (evenly spaced)", flag_values=FLAGS)
+flags.mark_flag_as_required("output", flag_values=FLAGS)
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m recurrent_depth.corpus", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("stdlib", help="the Python standard library's source as JSONL, with a tokenizer")
-    p.add_argument("--output", required=True, help="directory to write (local or gs://)")
-    p.add_argument("--root", default=None, help="source directory (default: this interpreter's standard library)")
-    p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE)
-    p.add_argument("--valid-percent", type=float, default=2.0, help="share of files held out (by path hash)")
-    p.add_argument("--max-files", type=int, default=None, help="use only this many files (evenly spaced)")
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    return app.run(_corpus, FLAGS, argv, doc=__doc__, prog=PROG)
+
+
+def _corpus(args: list[str]) -> int:
+    app.positional(args, commands=("stdlib",))
     try:
-        manifest = prepare_stdlib(args.output, root=args.root, vocab_size=args.vocab_size,
-                                  valid_percent=args.valid_percent, max_files=args.max_files)
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        manifest = prepare_stdlib(FLAGS.output, root=FLAGS.root, vocab_size=FLAGS.vocab_size,
+                                  valid_percent=FLAGS.valid_percent, max_files=FLAGS.max_files)
+    except RuntimeError as err:  # SentencePiece's way of rejecting its input: bad input too
+        raise ValueError(err) from err
     train, valid = manifest["train"], manifest["valid"]
-    print(f"wrote {args.output}: {train['files']} training files ({train['bytes'] / 1e6:.1f} MB), {valid['files']} "
+    print(f"wrote {FLAGS.output}: {train['files']} training files ({train['bytes'] / 1e6:.1f} MB), {valid['files']} "
           f"held out ({valid['bytes'] / 1e6:.2f} MB), tokenizer of {manifest['vocab_size']} pieces")
     return 0
 

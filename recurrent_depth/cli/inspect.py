@@ -1,61 +1,71 @@
-"""`python -m recurrent_depth.inspect`: pictures and a JSON of what the recurrence does on one prompt.
+"""Pictures and a JSON of what the recurrence does on one prompt:
 
-  python -m recurrent_depth.inspect --checkpoint=huginn-0125 --prompt="The capital of France is" \\
-      --num_steps=32 --num_inits=4 --output=inspect_results
+  python -m recurrent_depth.cli.inspect --checkpoint=huginn-0125 --prompt="The capital of France is" \\
+      [--num_steps=32] [--num_inits=4] [--positions=2,-1] [--nobos] [--output=inspect_results]
+  python -m recurrent_depth.cli.inspect --checkpoint=DIR --ids=1,8,500,12 ...
 
-CHECKPOINT is a Hugging Face directory, a parameter checkpoint or a train.py workdir.  The tokenizer comes from
---tokenizer (a SentencePiece .model, a tokenizer.json, or `shell_game` for the demo), else the checkpoint's
-tokenizer.json or its run config; --ids needs none (labels are then ids).  Writes convergence.png (relative
-state change, tokens x iterations), top_tokens.png (the top next token after each iteration), trajectories.png
-(PCA of the latent trajectories of the tokens at --positions from --num_inits random initial states) and
-inspection.json.
+--checkpoint is a Hugging Face directory, a parameter checkpoint or a train.py workdir; exactly one of --prompt
+and --ids gives the tokens.  The tokenizer comes from --tokenizer (a SentencePiece .model, a tokenizer.json, or
+`shell_game` for the demo), else the checkpoint's tokenizer.json or its run config; --ids needs none (labels are
+then ids).  Writes convergence.png (relative state change, tokens x iterations), top_tokens.png (the top next
+token after each iteration), trajectories.png (PCA of the latent trajectories of the tokens at --positions from
+--num_inits random initial states) and inspection.json.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import sys
 
+from absl import flags
+
 from recurrent_depth.checkpoint.loading import checkpoint_run_config, find_tokenizer, load_model
+from recurrent_depth.cli import app
 from recurrent_depth.data.tokenizer import load_tokenizer
 from recurrent_depth.inspect import report
 from recurrent_depth.runtime.paths import as_path
 
-PROG = "python -m recurrent_depth.inspect"
+PROG = "python -m recurrent_depth.cli.inspect"
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+class _IntListParser(flags.ListParser):
+    """Comma-separated integers (empty items skipped)."""
+
+    def parse(self, argument):
+        items = super().parse(argument)
+        try:
+            return [int(x) for x in items if str(x).strip()]
+        except ValueError:
+            raise ValueError(f"expected comma-separated integers, got {argument!r}") from None
+
+    def flag_type(self):
+        return "comma separated list of integers"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="HF directory, parameter checkpoint or train.py workdir")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompt", help="text, encoded with the tokenizer")
-    source.add_argument("--ids", type=_int_list, help="comma-separated token ids, used as given (no tokenizer needed)")
-    parser.add_argument("--tokenizer", help="SentencePiece .model, tokenizer.json (or its directory) or shell_game")
-    parser.add_argument("--bos", action=argparse.BooleanOptionalAction, default=True,
-                        help="prepend the tokenizer's BOS token to --prompt (default: yes)")
-    parser.add_argument("--num_steps", type=int, default=32, help="iterations of the core block (default 32)")
-    parser.add_argument("--num_inits", type=int, default=4, help="random initial states (default 4)")
-    parser.add_argument("--init_scale", type=float, default=None,
-                        help="scale of the random initial state (default: the model's; 0: one zero state)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the initial states")
-    parser.add_argument("--positions", type=_int_list, default=None,
-                        help="positions whose trajectories are plotted (negative: from the end; default 4 spread)")
-    parser.add_argument("--top_k", type=int, default=5, help="top tokens kept per iteration in the JSON")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
-    parser.add_argument("--output", default="inspect_results", help="directory for the PNGs and inspection.json")
-    return parser.parse_args(argv)
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("checkpoint", None, "HF directory, parameter checkpoint or train.py workdir", flag_values=FLAGS)
+flags.DEFINE_string("prompt", None, "text, encoded with the tokenizer", flag_values=FLAGS)
+flags.DEFINE(_IntListParser(), "ids", None, "comma-separated token ids, used as given (no tokenizer needed)",
+             flag_values=FLAGS, serializer=flags.CsvListSerializer(","))
+flags.DEFINE_string("tokenizer", None, "SentencePiece .model, tokenizer.json (or its directory) or shell_game",
+                    flag_values=FLAGS)
+flags.DEFINE_bool("bos", True, "prepend the tokenizer's BOS token to --prompt (default: yes; --nobos: no)",
+                  flag_values=FLAGS)
+flags.DEFINE_integer("num_steps", 32, "iterations of the core block (default 32)", flag_values=FLAGS)
+flags.DEFINE_integer("num_inits", 4, "random initial states (default 4)", flag_values=FLAGS)
+flags.DEFINE_float("init_scale", None, "scale of the random initial state (default: the model's; 0: one zero state)",
+                   flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "seed of the initial states", flag_values=FLAGS)
+flags.DEFINE(_IntListParser(), "positions", None, "positions whose trajectories are plotted (negative: from the "
+             "end; default 4 spread)", flag_values=FLAGS, serializer=flags.CsvListSerializer(","))
+flags.DEFINE_integer("top_k", 5, "top tokens kept per iteration in the JSON", flag_values=FLAGS)
+flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "parameter and compute dtype", flag_values=FLAGS)
+flags.DEFINE_string("output", "inspect_results", "directory for the PNGs and inspection.json", flag_values=FLAGS)
+flags.mark_flag_as_required("checkpoint", flag_values=FLAGS)
+flags.mark_flags_as_mutual_exclusive(["prompt", "ids"], required=True, flag_values=FLAGS)
 
 
-def _tokenizer(args: argparse.Namespace):
+def _tokenizer(args: flags.FlagValues):
     """The tokenizer, or None for --ids without one; a --prompt without one raises FileNotFoundError."""
     if args.tokenizer == "shell_game":
         return load_tokenizer("shell_game", "")
@@ -68,7 +78,7 @@ def _tokenizer(args: argparse.Namespace):
         return None
 
 
-def run(args: argparse.Namespace) -> list:
+def run(args: flags.FlagValues) -> list:
     """Loads, inspects and writes; returns the written paths."""
     if not as_path(args.checkpoint).exists():
         raise FileNotFoundError(f"checkpoint {args.checkpoint} does not exist")
@@ -99,10 +109,16 @@ def run(args: argparse.Namespace) -> list:
     return report.write(args.output, inspection, functools.partial(report.token_text, tokenizer), header)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    try:
-        paths = run(args)
-    except (FileNotFoundError, ValueError) as err:  # bad input: a message, not a traceback
-        sys.exit(f"{PROG}: error: {err}")
+def main(argv: list[str] | None = None) -> int:
+    return app.run(_inspect, FLAGS, argv, doc=__doc__, prog=PROG)
+
+
+def _inspect(args: list[str]) -> int:
+    app.positional(args)
+    paths = run(FLAGS)  # bad input raises (FileNotFoundError, ValueError): a message, not a traceback
     print("wrote", *paths, sep="\n  ")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

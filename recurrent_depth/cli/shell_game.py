@@ -1,37 +1,44 @@
 """The shell game's chat variant as JSONL, for the fine-tuning demo (configs/sft_demo.py):
 
-  python -m recurrent_depth.cli.shell_game chat-data --output shell_chat.jsonl [--size 20000] [--lengths 1-16]
+  python -m recurrent_depth.cli.shell_game chat-data --output=shell_chat.jsonl [--size=20000] [--lengths=1-16] \\
+      [--seed=0]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
+from absl import flags
+
+from recurrent_depth.cli import app
 from recurrent_depth.data.shell_game import chat_rows
+
+PROG = "python -m recurrent_depth.cli.shell_game"
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("output", None, "the JSONL file to write", flag_values=FLAGS)
+flags.DEFINE_integer("size", 20000, "conversations", flag_values=FLAGS)
+flags.DEFINE_string("lengths", "1-16", "swaps per problem, MIN-MAX (cycled)", flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "seed of the problems", flag_values=FLAGS)
+flags.mark_flag_as_required("output", flag_values=FLAGS)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m recurrent_depth.shell_game", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("chat-data", help="write the chat variant's conversations as JSONL")
-    p.add_argument("--output", required=True, help="the JSONL file to write")
-    p.add_argument("--size", type=int, default=20000, help="conversations")
-    p.add_argument("--lengths", default="1-16", help="swaps per problem, MIN-MAX (cycled)")
-    p.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    lo, _, hi = args.lengths.partition("-")
+    return app.run(_chat_data, FLAGS, argv, doc=__doc__, prog=PROG)
+
+
+def _chat_data(args: list[str]) -> int:
+    app.positional(args, commands=("chat-data",))
+    lo, _, hi = FLAGS.lengths.partition("-")
     try:
         lengths = (int(lo), int(hi or lo))
     except ValueError:
-        parser.error(f"--lengths must be MIN-MAX or one number, got {args.lengths!r}")
-    if not 1 <= lengths[0] <= lengths[1] or args.size < 1:
-        parser.error(f"need 1 <= MIN <= MAX and --size >= 1, got {args.lengths!r} and {args.size}")
-    with open(args.output, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(row) + "\n" for row in chat_rows(args.size, args.seed, lengths))
-    print(f"wrote {args.size} conversations with {lengths[0]}-{lengths[1]} swaps to {args.output}")
+        raise app.UsageError(f"--lengths must be MIN-MAX or one number, got {FLAGS.lengths!r}") from None
+    if not 1 <= lengths[0] <= lengths[1] or FLAGS.size < 1:
+        raise app.UsageError(f"need 1 <= MIN <= MAX and --size >= 1, got {FLAGS.lengths!r} and {FLAGS.size}")
+    with open(FLAGS.output, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row) + "\n" for row in chat_rows(FLAGS.size, FLAGS.seed, lengths))
+    print(f"wrote {FLAGS.size} conversations with {lengths[0]}-{lengths[1]} swaps to {FLAGS.output}")
     return 0
 
 

@@ -165,7 +165,21 @@ def test_convert_cli_both_directions(tmp_path, capsys):
         if name != "freqs_cis":
             np.testing.assert_array_equal(converted[name], original[name], err_msg=name)
     assert convert_main(["to-params", str(tmp_path / "missing"), str(tmp_path / "x")]) == 1
-    assert "does not exist" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "does not exist" in err and err.startswith("python -m recurrent_depth.cli.convert: error: ")
+    assert err.count("\n") == 1 and not (tmp_path / "x").exists()
+    src, dst = str(tmp_path / "orbax"), str(tmp_path / "x")
+    for usage, message in [([], "missing command (commands: to-params, to-hf)"),
+                           (["to-safetensors", src, dst], "unknown command 'to-safetensors'"),
+                           (["to-hf", src], "to-hf takes SRC OUT_DIR, got"),
+                           (["to-hf", src, dst, "--max_shard_gb=0"], "--max_shard_gb must be positive"),
+                           (["to-hf", src, dst, "--max-shard-gb=1"], "Unknown command line flag 'max-shard-gb'"),
+                           (["to-params", src, dst, "--max_shard_gb=1"], "--max_shard_gb is for to-hf"),
+                           (["to-params", src, dst, "--dtype=int8"], "flag --dtype=int8")]:
+        assert convert_main(usage) == 2, usage
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (usage, err)
+    assert not (tmp_path / "x").exists()
 
 
 def _bytes_per_device(params) -> dict:

@@ -127,15 +127,25 @@ def test_long_conversation_drops_oldest_turns_but_keeps_the_system_prompt(setup)
 
 
 def test_bad_input_gives_a_message(setup, tmp_path):
+    """Bad input: status 1 and one line `python -m recurrent_depth.cli.chat: error: ...`, no traceback."""
     code, _, stderr = run_chat(setup, [])
     assert code == 0
     code, _, stderr = run_chat((tmp_path / "missing", setup[1]), [])
-    assert code == 2 and "chat: error: checkpoint" in stderr and "does not exist" in stderr
+    assert code == 1 and "chat: error: checkpoint" in stderr and "does not exist" in stderr
+    assert stderr.startswith(f"{chat_cli.PROG}: error: ") and stderr.count("\n") == 1
     code, _, stderr = run_chat((tmp_path, setup[1]), [])
-    assert code == 2 and "is neither a Hugging Face checkpoint" in stderr
+    assert code == 1 and "is neither a Hugging Face checkpoint" in stderr and "Traceback" not in stderr
     code, _, stderr = run_chat(setup, [], "--sampler=parallel", "--exit_criterion=kl")
-    assert code == 2 and "--exit_criterion is for --sampler=generate" in stderr
+    assert code == 1 and "--exit_criterion is for --sampler=generate" in stderr
     code, stdout, stderr = run_chat(setup, ["/help", "hi"], "--num_steps=0")
-    assert code == 2 and "num_steps must be a positive integer" in stderr and "[unknown command /help" in stdout
+    assert code == 1 and "num_steps must be a positive integer" in stderr and "[unknown command /help" in stdout
+    assert stderr.count("\n") == 1 and "Traceback" not in stderr
     with pytest.raises(ValueError, match=r"the tokenizer \(ShellGameTokenizer\) has no chat template"):
         chat.check_chat_template(ShellGameTokenizer())
+
+
+def test_usage_errors_have_status_2(setup):
+    code, stdout, stderr = run_chat(setup, ["hi"], "--sampler=beam")
+    assert code == 2 and "chat: error: flag --sampler=beam" in stderr and stdout == ""  # before any session
+    code, _, stderr = run_chat(setup, [], "extra")
+    assert code == 2 and "takes no positional arguments" in stderr

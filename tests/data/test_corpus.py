@@ -54,8 +54,8 @@ def test_split_is_deterministic_disjoint_and_complete(corpus, tmp_path):
     assert (manifest["train"]["files"], manifest["valid"]["files"]) == (len(train), len(valid))
     assert train[0]["text"] == (root / train[0]["path"]).read_text()  # whole files, blank lines kept
     again = tmp_path / "again"
-    assert main(["stdlib", "--root", str(root), "--output", str(again), "--vocab-size", "400",
-                 "--valid-percent", "20"]) == 0
+    assert main(["stdlib", "--root", str(root), "--output", str(again), "--vocab_size", "400",
+                 "--valid_percent=20"]) == 0
     for name in (TRAIN_FILE, VALID_FILE):
         assert (again / name).read_bytes() == (out / name).read_bytes()
 
@@ -71,7 +71,16 @@ def test_tokenizer_round_trips_python_source(corpus):
 
 def test_bad_input_is_a_message(tmp_path, capsys):
     assert main(["stdlib", "--root", str(tmp_path / "missing"), "--output", str(tmp_path / "o")]) == 1
-    assert "does not exist" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "does not exist" in err and err.startswith("python -m recurrent_depth.cli.corpus: error: ")
+    assert err.count("\n") == 1 and not (tmp_path / "o").exists()
+    for usage in (["--output", str(tmp_path / "o")], ["python", "--output", str(tmp_path / "o")], ["stdlib"],
+                  ["stdlib", "--output", str(tmp_path / "o"), "--vocab-size=400"]):
+        assert main(usage) == 2
+    err = capsys.readouterr().err
+    assert "missing command (commands: stdlib)" in err and "unknown command 'python'" in err
+    assert "--output must have a value" in err and "Unknown command line flag 'vocab-size'" in err
+    assert not (tmp_path / "o").exists()
     with pytest.raises(ValueError, match="valid_percent"):
         prepare_stdlib(tmp_path / "o", root=tmp_path, valid_percent=0)
 

@@ -187,7 +187,7 @@ def test_text_files_mixture_weights_and_process_sharding(tmp_path, sp_tokenizer)
 def test_prepare_cli_writes_array_records_the_pipeline_reads(tmp_path, sp_tokenizer, capsys):
     docs = _documents(tmp_path, n=10)
     assert data_main(["prepare", "--input", str(tmp_path / "docs.jsonl"), "--tokenizer", sp_tokenizer.model_file,
-                      "--output", str(tmp_path / "shards"), "--shards", "2", "--text-field", "body"]) == 0
+                      "--output", str(tmp_path / "shards"), "--shards", "2", "--text_field", "body"]) == 0
     shards = sorted((tmp_path / "shards").glob("*.arrayrecord"))
     assert len(shards) == 2
     import grain
@@ -198,6 +198,32 @@ def test_prepare_cli_writes_array_records_the_pipeline_reads(tmp_path, sp_tokeni
     config = _mixture_config([{"kind": "array_record", "paths": str(tmp_path / "shards" / "*.arrayrecord")}], "")
     batch = next(iter(make_dataset(config, batch_size=1, seq_len=32, vocab_size=512, seed=0)))
     assert batch["inputs"][0, 0] == sp_tokenizer.bos_id and batch["inputs"].shape == (1, 32)
+
+
+def test_prepare_cli_takes_a_comma_separated_list_of_files_and_globs(tmp_path, sp_tokenizer, capsys):
+    docs = _documents(tmp_path, n=6)
+    (tmp_path / "more").mkdir()
+    for i in range(2):
+        (tmp_path / "more" / f"part{i}.jsonl").write_text(json.dumps({"body": f"doc {i}"}) + "\n")
+    out = tmp_path / "shards"
+    inputs = f"{tmp_path / 'docs.jsonl'},{tmp_path / 'more' / 'part*.jsonl'}"
+    assert data_main(["prepare", f"--input={inputs}", f"--tokenizer={sp_tokenizer.model_file}",
+                      f"--output={tmp_path / 'x'}"]) == 1  # the default --text_field=text: not in these files
+    assert data_main(["prepare", f"--input={inputs}", f"--tokenizer={sp_tokenizer.model_file}", f"--output={out}",
+                      "--shards=2", "--text_field=body"]) == 0  # the file and both files the pattern matches
+    import grain
+
+    records = grain.sources.ArrayRecordDataSource([str(p) for p in sorted(out.glob("*.arrayrecord"))])
+    assert len(records) == len(docs) + 2
+    assert data_main(["prepare", f"--input={tmp_path / 'docs.jsonl'},{tmp_path / 'none*.jsonl'}",
+                      f"--tokenizer={sp_tokenizer.model_file}", f"--output={tmp_path / 'o'}"]) == 1
+    assert data_main(["prepare", f"--tokenizer={sp_tokenizer.model_file}", f"--output={tmp_path / 'o'}"]) == 2
+    assert data_main(["--input=x", f"--tokenizer={sp_tokenizer.model_file}", f"--output={tmp_path / 'o'}"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]  # not the progress bars
+    assert len(err) == 4 and all(line.startswith("python -m recurrent_depth.cli.data: error: ") for line in err)
+    assert "docs.jsonl:1: no field 'text'" in err[0] and "no data file matches" in err[1]
+    assert "--input must have a value" in err[2] and "missing command (commands: prepare)" in err[3]
+    assert not (tmp_path / "o").exists()
 
 
 def test_bad_data_inputs(tmp_path, sp_tokenizer):

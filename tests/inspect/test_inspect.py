@@ -1,6 +1,7 @@
 """Looking inside the recurrence: per-layer hidden states, per-iteration decoding, the inspect CLI."""
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +9,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from recurrent_depth.cli.inspect import main
+from recurrent_depth.cli.inspect import FLAGS, PROG, main
 from recurrent_depth.data.shell_game import CUP_IDS, SWAP_IDS, ShellGameTokenizer, track
 from recurrent_depth.inspect import decode_iterations, pca, relative_change
 from recurrent_depth.inspect.decode import _decode_jit
@@ -180,8 +181,8 @@ def test_cli_writes_pictures_and_json_for_the_demo_model(tmp_path, capsys):
     """The trained demo model tracks the ball: at the last iteration every position's top token is the cup."""
     swaps = np.asarray([0, 5, 7, 3, 9])  # indices into shell_game.SWAPS
     prompt = " ".join(ShellGameTokenizer().decode([i]) for i in SWAP_IDS[swaps])
-    main([f"--checkpoint={DEMO}", "--tokenizer=shell_game", f"--prompt={prompt}", "--num_steps=6",
-          "--num_inits=3", "--positions=2,-1", "--top_k=3", f"--output={tmp_path}"])
+    assert main([f"--checkpoint={DEMO}", "--tokenizer=shell_game", f"--prompt={prompt}", "--num_steps=6",
+                 "--num_inits=3", "--positions=2,-1", "--top_k=3", f"--output={tmp_path}"]) == 0
     assert "inspection.json" in capsys.readouterr().out
     for name in ("convergence", "top_tokens", "trajectories"):
         _png(tmp_path / f"{name}.png")
@@ -205,8 +206,8 @@ def test_cli_on_the_tiny_checkpoint_writes_consistent_json(tmp_path, tiny):
     pass's argmax at every depth and its numbers are consistent with each other."""
     model, params = tiny
     ids = [1, 8, 500, 12, 9, 14, 300]
-    main([f"--checkpoint={TINY / 'checkpoint'}", f"--ids={','.join(map(str, ids))}", "--num_steps=5",
-          "--init_scale=0", "--top_k=4", f"--output={tmp_path}"])
+    assert main([f"--checkpoint={TINY / 'checkpoint'}", f"--ids={','.join(map(str, ids))}", "--num_steps=5",
+                 "--init_scale=0", "--top_k=4", f"--output={tmp_path}"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "convergence.png", "inspection.json", "top_tokens.png", "trajectories.png"]
     result = json.loads((tmp_path / "inspection.json").read_text())
@@ -248,7 +249,35 @@ def test_cli_on_the_tiny_checkpoint_writes_consistent_json(tmp_path, tiny):
     ([f"--checkpoint={DEMO}", "--prompt=ab"], "no tokenizer for"),
     ([f"--checkpoint={DEMO}", "--ids=1,2", "--positions=5"], "token position 5 is outside the sequence of 2"),
 ])
-def test_cli_bad_input_gets_a_clear_error(tmp_path, args, message):
-    with pytest.raises(SystemExit, match=message):
-        main([*args, f"--output={tmp_path}"])
+def test_cli_bad_input_gets_a_clear_error(tmp_path, capsys, args, message):
+    assert main([*args, f"--output={tmp_path}"]) == 1
+    err = capsys.readouterr().err
+    assert re.search(message, err) and err.startswith(f"{PROG}: error: ") and err.count("\n") == 1, err
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.parametrize("args, message", [
+    ([f"--checkpoint={DEMO}"], r"Exactly one of \(prompt, ids\)"),
+    ([f"--checkpoint={DEMO}", "--prompt=ab", "--ids=1"], r"Exactly one of \(prompt, ids\)"),
+    (["--ids=1,2"], "--checkpoint must have a value"),
+    ([f"--checkpoint={DEMO}", "--ids=1,x"], "expected comma-separated integers, got '1,x'"),
+    ([f"--checkpoint={DEMO}", "--ids=1", "--positions=a"], "expected comma-separated integers"),
+    ([f"--checkpoint={DEMO}", "--ids=1", "--no-bos"], "Unknown command line flag 'no-bos'"),
+    ([f"--checkpoint={DEMO}", "--ids=1", "extra"], "takes no positional arguments"),
+])
+def test_cli_usage_errors_have_status_2(tmp_path, capsys, args, message):
+    assert main([*args, f"--output={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and err.startswith(f"{PROG}: error: ") and err.count("\n") == 1, err
+    assert not any(tmp_path.iterdir())
+
+
+def test_cli_flags_bos_nobos_and_int_lists(tmp_path, capsys):
+    """--nobos is absl's negation of --bos; --ids and --positions are lists of integers; each call starts from the
+    defaults."""
+    missing = ["--checkpoint=/no/such/dir", f"--output={tmp_path}"]
+    assert main([*missing, "--prompt=ab", "--nobos", "--positions=2,,-1"]) == 1  # fails after parsing
+    assert FLAGS.bos is False and FLAGS.positions == [2, -1] and FLAGS.prompt == "ab" and FLAGS.ids is None
+    assert main([*missing, "--ids=3, 4"]) == 1
+    assert FLAGS.bos is True and FLAGS.positions is None and FLAGS.prompt is None and FLAGS.ids == [3, 4]
+    assert capsys.readouterr().err.count("does not exist") == 2

@@ -27,7 +27,7 @@ from recurrent_depth.runtime.paths import as_path, is_url
 
 from helpers import TINY, single_cpu_env
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]  # the repository: train.py, eval.py, configs/
 STEPS, EVERY = 40, 10
 # The demo config, shrunk: a step slow enough (~0.1 s) that the kill lands between a checkpoint and the end.
 RUN_FLAGS = [f"--config.train.steps={STEPS}", "--config.train.batch_size=16", "--config.train.log_every=1",

@@ -24,7 +24,7 @@ from recurrent_depth.training.step import Trainer
 
 from helpers import local_iterator, single_cpu_env, small_config
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]  # the repository: train.py, eval.py, configs/
 LOG_EVERY, STEPS, EVAL_EVERY = 10, 60, 30
 GUARDED = range(LOG_EVERY + 1, 2 * LOG_EVERY)  # steps 11-19: no log, checkpoint, evaluation or profile
 

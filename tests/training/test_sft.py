@@ -8,6 +8,7 @@ import types
 import numpy as np
 import pytest
 
+from recurrent_depth.cli import shell_game as shell_game_cli
 from recurrent_depth.data import shell_game
 from recurrent_depth.data.batch import IGNORE_INDEX
 from recurrent_depth.data.chat import ChatReader, encode_conversation
@@ -209,7 +210,7 @@ def test_sft_huginn_fine_tunes_the_tiny_checkpoint_and_resumes_its_own_run(tmp_p
 
 def test_sft_demo_matches_the_demo_checkpoint(tmp_path):
     config = load_config_file(CONFIGS / "sft_demo.py", f"{FIXTURES / 'shell-game-demo'},{tmp_path / 'x.jsonl'}")
-    shell_game.main(["chat-data", "--output", str(tmp_path / "x.jsonl"), "--size", "50"])
+    assert shell_game_cli.main(["chat-data", "--output", str(tmp_path / "x.jsonl"), "--size", "50"]) == 0
     check_init_from(config, validate_run_config(config, num_devices=1))  # the demo runs on one CPU device
     rows = [json.loads(line) for line in (tmp_path / "x.jsonl").read_text().splitlines()]
     swaps, cup = rows[0]["messages"][0]["content"].split(), rows[0]["messages"][1]["content"]
