@@ -1,6 +1,6 @@
-"""The default of `python train.py`: a small recurrent-depth model learns the shell game (recurrent_depth.shell_game)
-on two CPU cores in about 15 minutes; `python eval.py` then shows accuracy rising with test-time iterations, also
-on sequences longer than any it trained on.
+"""The default of `python train.py`: a small recurrent-depth model learns the shell game
+(recurrent_depth.data.shell_game) on two CPU cores in about 15 minutes; `python eval.py` then shows accuracy rising
+with test-time iterations, also on sequences longer than any it trained on.
 
 Training follows the paper's recipe at small scale: the iteration count is drawn per step from the log-normal
 Poisson distribution (mean 8 here, 32 in the paper) and gradients flow through the last 4 iterations only (8 in

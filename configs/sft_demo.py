@@ -1,7 +1,7 @@
 """Chat fine-tuning of the demo model (`python train.py`'s ./workdir) on the shell game's chat variant, in a few CPU
 minutes: the path from a checkpoint to a fine-tuned model end to end, without the 3.5B model.
 
-  python -m recurrent_depth.shell_game chat-data --output shell_chat.jsonl
+  python -m recurrent_depth.cli.shell_game chat-data --output=shell_chat.jsonl
   python train.py --config=configs/sft_demo.py --workdir=workdir-sft    # [:INIT_FROM[,DATA]] after the file
   python eval.py --checkpoint=workdir-sft                                # chat and plain prompts, both splits
 

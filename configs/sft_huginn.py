@@ -4,7 +4,8 @@
       [--config.train.steps=N]
 
 INIT_FROM is the Hugging Face directory (config.json, safetensors and tokenizer.json; `huginn-0125` by default),
-DATA a JSONL glob of {"messages": [...]} or {"question", "answer"} rows (`chat.jsonl`): see recurrent_depth.chat_data.
+DATA a JSONL glob of {"messages": [...]} or {"question", "answer"} rows (`chat.jsonl`): see
+recurrent_depth.data.chat_rows.
 Labels on the assistant's tokens only; the original's system prompt is the system turn of conversations without one
 (`--config.data.chat.system_prompt=` for none). One epoch of GSM8K's 7473 training problems is 234 steps of 32.
 

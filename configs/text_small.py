@@ -1,7 +1,7 @@
-"""A small recurrent-depth language model of Python source: the standard library's code (recurrent_depth.corpus)
+"""A small recurrent-depth language model of Python source: the standard library's code (recurrent_depth.data.corpus)
 with a 4096-piece SentencePiece tokenizer, about 15 minutes on two CPU cores.
 
-  python -m recurrent_depth.corpus stdlib --output corpus/stdlib
+  python -m recurrent_depth.cli.corpus stdlib --output=corpus/stdlib
   python train.py --config=configs/text_small.py --workdir=runs/text_small
 
 The corpus directory is `corpus/stdlib` (relative to the working directory) unless given after a colon:

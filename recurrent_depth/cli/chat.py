@@ -20,7 +20,7 @@ from absl import flags
 
 from recurrent_depth.checkpoint.loading import checkpoint_run_config, find_tokenizer, load_model
 from recurrent_depth.cli import app
-from recurrent_depth.decoding.chat import SAMPLERS, ChatSession, check_chat_template
+from recurrent_depth.decoding.chat_session import SAMPLERS, ChatSession, check_chat_template
 from recurrent_depth.runtime.paths import as_path
 
 PROG = "python -m recurrent_depth.cli.chat"

@@ -16,7 +16,7 @@ def data_config() -> ml_collections.ConfigDict:
     config.eval_sources = ()  # held-out sources for the periodic evaluation (generated tasks: another seed)
     config.tokenizer = ml_collections.ConfigDict({"kind": "sentencepiece", "path": ""})
     config.document_masking = True  # attention and targets stay within documents (the original has no masking)
-    # Chat sources (data.kind='chat', or kind 'chat' in a mixture; see recurrent_depth.data.chat).
+    # Chat sources (data.kind='chat', or kind 'chat' in a mixture; see recurrent_depth.data.chat_rows).
     config.chat = ml_collections.ConfigDict({
         "system_prompt": "",  # the system turn of conversations without one ('': none)
         "loss_tokens": "assistant",  # which targets count: 'assistant' (its replies and turn ends) or 'all'

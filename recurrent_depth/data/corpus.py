@@ -1,6 +1,6 @@
 """Offline training corpora: the Python standard library's source, on every machine that runs this project.
 
-  python -m recurrent_depth.corpus stdlib --output corpus/stdlib [--vocab-size 4096]
+  python -m recurrent_depth.cli.corpus stdlib --output=corpus/stdlib [--vocab_size=4096]
 
 writes `train.jsonl` and `valid.jsonl` (one source file a line, `{"text", "path"}`: JSONL, because Python source
 has blank lines, which would split a `text` document), a SentencePiece `tokenizer.model` trained on the training

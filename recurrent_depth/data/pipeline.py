@@ -20,7 +20,6 @@ So a process computes exactly its rows [lo, lo + B / P) of each batch, and it re
 shards: 1/P of the corpus, split before anything is read.  Nothing depends on history, so the data-iterator state
 is just the step: a checkpoint written by any number of processes resumes on any other number (or mesh).
 The generated tasks ('synthetic', 'shell_game') are functions of the step already; each process keeps its rows.
-
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ import ml_collections
 import numpy as np
 
 from recurrent_depth.data.batch import ToModelBatch
-from recurrent_depth.data.chat import ChatReader
+from recurrent_depth.data.chat_rows import ChatReader
 from recurrent_depth.data.packing import DocumentLane
 from recurrent_depth.data.shell_game import ShellGameTokenizer, shell_game_batch
 from recurrent_depth.data.sources import shard_documents
@@ -119,7 +118,7 @@ def make_dataset(config: ml_collections.ConfigDict, *, batch_size: int, seq_len:
     dataset whose iterator state is the step); the global batches do not depend on the process count.
 
     `config` is the `data` section; `sources` overrides `config.sources` (e.g. with the held-out sources).
-    Chat sources (data.kind 'chat', or kind 'chat' in a mixture) are read by recurrent_depth.chat_data.
+    Chat sources (data.kind 'chat', or kind 'chat' in a mixture) are read by recurrent_depth.data.chat_rows.
     """
     if batch_size % process_count:
         raise ValueError(f"the batch size {batch_size} is not divisible by {process_count} processes")

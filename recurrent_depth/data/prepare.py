@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+from array_record.python.array_record_module import ArrayRecordWriter
 from etils import epath
 from tqdm import tqdm
 
@@ -15,8 +16,6 @@ from recurrent_depth.data.tokenizer import Tokenizer
 def prepare(inputs: Sequence[str], tokenizer: Tokenizer, output: str | os.PathLike, num_shards: int = 1,
             kind: str | None = None, text_field: str = "text") -> list[epath.Path]:
     """Tokenizes text/JSONL files once into ArrayRecord shards (one int32 document with BOS/EOS per record)."""
-    from array_record.python.array_record_module import ArrayRecordWriter
-
     files = expand_paths(list(inputs))
     output = epath.Path(output)
     output.mkdir(parents=True, exist_ok=True)

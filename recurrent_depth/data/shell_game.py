@@ -15,9 +15,9 @@ sequences tracked.
 
 Its chat variant (for the fine-tuning demo, configs/sft_demo.py) asks the same question as a conversation: the
 user's message is the swaps, the assistant's reply the final cup, in the plain chat template of
-recurrent_depth.chat_template (`<s> User: ab cd bd </s> Assistant: d </s>`, one token per word):
+recurrent_depth.data.chat_template (`<s> User: ab cd bd </s> Assistant: d </s>`, one token per word):
 
-  python -m recurrent_depth.shell_game chat-data --output shell_chat.jsonl [--size 20000] [--lengths 1-16]
+  python -m recurrent_depth.cli.shell_game chat-data --output=shell_chat.jsonl [--size=20000] [--lengths=1-16]
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ CHAT_TRAIN = 0xC4A7  # chat-data problems come from [seed, CHAT_TRAIN, i]: neith
 
 class ShellGameTokenizer:
     """Words of the task, separated by spaces: a swap (`ab`, also written `ba`), a cup (`c`) or a chat role
-    header (`User:`); the Tokenizer interface of recurrent_depth.tokenizer."""
+    header (`User:`); the Tokenizer interface of recurrent_depth.data.tokenizer."""
 
     pad_id, bos_id, eos_id = 0, 1, 2
     vocab_size = len(TOKENS)

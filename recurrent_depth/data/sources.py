@@ -16,7 +16,7 @@ from etils import epath
 
 from recurrent_depth.data.tokenizer import Tokenizer
 
-SOURCE_KINDS = ("text", "jsonl", "array_record", "chat")  # chat: recurrent_depth.data.chat
+SOURCE_KINDS = ("text", "jsonl", "array_record", "chat")  # chat: recurrent_depth.data.chat_rows
 
 
 def expand_paths(pattern: str | Sequence[str]) -> list[epath.Path]:

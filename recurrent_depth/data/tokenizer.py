@@ -2,7 +2,7 @@
 
 Both satisfy one small interface (`encode`, `decode`, `bos_id`, `eos_id`, `pad_id`, `vocab_size`).
 
-  python -m recurrent_depth.tokenizer train --input a.txt b.txt --model-prefix tok --vocab-size 8000
+`python -m recurrent_depth.cli.tokenizer train` trains a SentencePiece model.
 """
 
 from __future__ import annotations
@@ -13,6 +13,10 @@ import os
 from collections.abc import Iterable, Sequence
 from typing import Protocol
 
+import sentencepiece as spm
+import tokenizers
+
+from recurrent_depth.data.shell_game import ShellGameTokenizer
 from recurrent_depth.runtime.paths import as_path
 
 BOS, EOS, PAD = "<|begin_text|>", "<|end_text|>", "<|pad|>"  # the released model's names
@@ -45,8 +49,6 @@ class SentencePieceTokenizer:
 
     @functools.cached_property
     def _processor(self):
-        import sentencepiece as spm
-
         return spm.SentencePieceProcessor(model_proto=as_path(self.model_file).read_bytes())
 
     def __getstate__(self):
@@ -63,13 +65,11 @@ class HuggingFaceTokenizer:
     """A `tokenizer.json` (e.g. huginn-0125's) through the `tokenizers` package; special ids by token name."""
 
     def __init__(self, path: str | os.PathLike, bos: str = BOS, eos: str = EOS, pad: str = PAD):
-        from tokenizers import Tokenizer as _Tokenizer
-
         path = as_path(path)
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.exists():
             raise FileNotFoundError(f"tokenizer file {file} does not exist")
-        self._tokenizer = _Tokenizer.from_str(file.read_text(encoding="utf-8"))
+        self._tokenizer = tokenizers.Tokenizer.from_str(file.read_text(encoding="utf-8"))
         ids = {name: self._tokenizer.token_to_id(token) for name, token in (("bos", bos), ("eos", eos), ("pad", pad))}
         missing = [name for name, value in ids.items() if value is None]
         if missing:
@@ -97,8 +97,6 @@ def load_tokenizer(kind: str, path: str | os.PathLike) -> Tokenizer:
     """`kind` is 'sentencepiece' (a .model file), 'huggingface' (tokenizer.json or its directory) or
     'shell_game' (the demo task's words; no file)."""
     if kind == "shell_game":
-        from recurrent_depth.data.shell_game import ShellGameTokenizer
-
         return ShellGameTokenizer()
     if kind == "sentencepiece":
         return SentencePieceTokenizer(path)
@@ -123,8 +121,6 @@ def train_sentencepiece(inputs: Sequence[str | os.PathLike], model_prefix: str |
     """Trains a SentencePiece model whose decode(encode(x)) == x exactly: identity normalisation, whitespace kept,
     byte fallback; ids 0-3 are PAD, UNK, BOS, EOS.  Reads the text and writes `<model_prefix>.model` through
     epath, so either may be in cloud storage."""
-    import sentencepiece as spm
-
     files = [as_path(p) for p in inputs]
     missing = [str(p) for p in files if not p.exists()]
     if missing:

@@ -4,7 +4,7 @@ and chat sessions on top of them; sampling, exit criteria and the cache are thei
 from etils import epy
 
 with epy.lazy_api_imports(globals()):
-    from recurrent_depth.decoding.chat import ChatSession
+    from recurrent_depth.decoding.chat_session import ChatSession
     from recurrent_depth.decoding.generate import (
         GenerateOutput,
         SpeculativeOutput,

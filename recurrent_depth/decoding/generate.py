@@ -170,11 +170,11 @@ def generate(model: RecurrentDepthLM, params, prompts, *, max_new_tokens: int, l
     init_scale: scale of the random initial state (default config.init_scale); 0 gives a zero state.
     temperature 0 is greedy; otherwise sampling with the optional top_k / top_p / min_p filters, from `seed`.
     stop_tokens: a sequence that emits one stops (the stop token is its last); the others go on.
-    cache_strategy: 'full', 'compress-K', 'latest', 'latest-compress-K' (see recurrent_depth.kv_cache).
+    cache_strategy: 'full', 'compress-K', 'latest', 'latest-compress-K' (see recurrent_depth.decoding.kv_cache).
     continuous: each token's iterations start from the previous token's final state (after the final norm; the
       original's adaptive path carries the un-normalised state instead); the prompt starts from init_scale.
     exit_criterion: None (fixed depth) or one of 'entropy-diff', 'latent-diff', 'kl', 'minp-kl',
-      'argmax-stability', 'cosine' (see recurrent_depth.exit_criteria), with exit_threshold (None: the
+      'argmax-stability', 'cosine' (see recurrent_depth.decoding.exit_criteria), with exit_threshold (None: the
       original's default), checked after iteration min_steps + 1 and then every check_every iterations.
     stream: a host function `stream(tokens, num_tokens, steps)` called after every token with the output so far
       (numpy arrays shaped as GenerateOutput's; -1 where no token yet), e.g. to print tokens as they come; a new
@@ -202,7 +202,7 @@ def lower_generate(model: RecurrentDepthLM, params, batch_size: int, prompt_len:
     """`generate` (greedy, left padding) lowered for abstract inputs: params may be jax.ShapeDtypeStruct leaves
     with shardings, prompts are [batch_size, prompt_len] placed with `input_sharding`, scalars with
     `replicated` (NamedShardings, or None for the default device).  For ahead-of-time compilation, e.g. for a
-    TPU slice from a CPU machine (recurrent_depth.aot); call under the mesh and logical-axis rules the model's
+    TPU slice from a CPU machine (recurrent_depth.cli.aot); call under the mesh and logical-axis rules the model's
     activations should be sharded with."""
     if prompt_len + max_new_tokens > model.config.max_seq_len:
         raise ValueError(f"prompt_len {prompt_len} + max_new_tokens {max_new_tokens} exceeds the model's context "

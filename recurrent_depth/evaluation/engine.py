@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from tqdm import tqdm
 
@@ -83,8 +84,6 @@ def bucket(length: int, cap: int) -> int:
 def _to_host(x) -> np.ndarray:
     """A (possibly multi-host sharded) array as a numpy array on every process."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.sharding.is_fully_replicated:
-        from jax.experimental import multihost_utils
-
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
 

@@ -3,7 +3,7 @@
 lm-eval finds models only in its own registry, so this module must be imported first; its command line does that
 and then runs lm-eval's:
 
-  python -m recurrent_depth.lm_eval_adapter --model recurrent_depth \
+  python -m recurrent_depth.cli.lm_eval --model recurrent_depth \
       --model_args checkpoint=huginn-0125,num_steps=32,dtype=bfloat16 --tasks arc_easy,hellaswag --batch_size 16
 
 Model args: checkpoint (required), num_steps (default: the model's mean_recurrence), dtype, batch_size,

@@ -252,10 +252,10 @@ class ReasoningGymTask(Task):
 
 
 class ShellGameTask(Task):
-    """Held-out problems of the demo's shell game (recurrent_depth.shell_game) with MIN..MAX swaps (lengths evenly
+    """Held-out problems of the demo's shell game (recurrent_depth.data.shell_game) with MIN..MAX swaps (lengths evenly
     spread), from a random stream that training never reads.  Metric `acc`: the model's argmax after the last
     swap is the cup that hides the ball.  With `chat`, each problem is the chat variant's prompt (the swaps as the
-    user's turn, then the assistant's header; recurrent_depth.chat_template) and the answer its next token."""
+    user's turn, then the assistant's header; recurrent_depth.data.chat_template) and the answer its next token."""
 
     kind = "shell_game"
     OPTIONS: ClassVar[dict[str, type]] = {"size": int, "seed": int, "chat": bool}

@@ -1,5 +1,5 @@
 """One prompt looked at from every side: per-iteration decoding from several initial states, convergence, the
-PCA of chosen tokens' trajectories; as figures and a JSON (what `python -m recurrent_depth.inspect` writes)."""
+PCA of chosen tokens' trajectories; as figures and a JSON (what `python -m recurrent_depth.cli.inspect` writes)."""
 
 from __future__ import annotations
 

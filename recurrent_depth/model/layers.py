@@ -1,7 +1,7 @@
 """Building blocks of the Huginn architecture: RMSNorm, rotary embeddings, attention, gated MLP, sandwich block.
 
 Parameters carry logical axis names (`vocab`, `embed`, `heads`, `kv`, `mlp`, `norm`) so that
-`recurrent_depth.sharding` can map them onto a device mesh; without rules they run unsharded.
+`recurrent_depth.runtime.sharding` can map them onto a device mesh; without rules they run unsharded.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def apply_rope(x, cos, sin):
 
 
 class KVStore(Protocol):
-    """Where a cached attention call keeps keys/values (recurrent_depth.kv_cache.KVCursor implements it)."""
+    """Where a cached attention call keeps keys/values (recurrent_depth.decoding.kv_cache.KVCursor implements it)."""
 
     def attend(self, k, v) -> tuple[jax.Array, jax.Array, jax.Array, KVStore]:
         """Stores the chunk's k, v [batch, seq, heads, head_dim] (after RoPE); returns every entry this call

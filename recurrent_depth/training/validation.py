@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import ml_collections
 
-from recurrent_depth.data.chat import LOSS_TOKENS
+from recurrent_depth.data.chat_rows import LOSS_TOKENS
 from recurrent_depth.data.pipeline import DATA_KINDS
 from recurrent_depth.data.shell_game import ShellGameTokenizer
 from recurrent_depth.data.sources import SOURCE_KINDS

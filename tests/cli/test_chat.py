@@ -1,5 +1,6 @@
-"""The chat CLI (recurrent_depth.chat), driven as a user would: its main() with piped input, on a tiny random
-model with a tiny SentencePiece tokenizer; and the streaming hook of both samplers."""
+"""The chat CLI (recurrent_depth.cli.chat over recurrent_depth.decoding.chat_session), driven as a user would: its
+main() with piped input, on a tiny random model with a tiny SentencePiece tokenizer; and the streaming hook of both
+samplers."""
 
 import io
 import sys
@@ -14,7 +15,7 @@ from recurrent_depth.cli import chat as chat_cli
 from recurrent_depth.data.chat_template import chat_stop_ids, render_chat
 from recurrent_depth.data.shell_game import ShellGameTokenizer
 from recurrent_depth.data.tokenizer import load_tokenizer
-from recurrent_depth.decoding import chat
+from recurrent_depth.decoding import chat_session as chat
 from recurrent_depth.decoding.generate import generate
 from recurrent_depth.decoding.parallel import parallel_generate
 from recurrent_depth.model.config import ModelConfig

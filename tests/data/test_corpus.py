@@ -1,4 +1,4 @@
-"""The offline Python-source corpus (recurrent_depth.corpus) and configs/text_small.py built on it."""
+"""The offline Python-source corpus (recurrent_depth.data.corpus) and configs/text_small.py built on it."""
 
 import importlib.util
 import json

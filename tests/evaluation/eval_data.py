@@ -7,8 +7,10 @@ import numpy as np
 
 from recurrent_depth.evaluation.engine import Generations
 
-ROOT = Path(__file__).parent.parent
-TINY_CHECKPOINT = Path(__file__).parent / "fixtures" / "huginn-tiny" / "checkpoint"
+from helpers import TINY
+
+ROOT = Path(__file__).parents[2]  # the repository: eval.py
+TINY_CHECKPOINT = TINY / "checkpoint"
 
 GSM8K_ANSWER = ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips "
                 "altogether in April and May.\n#### 72")
@@ -37,7 +39,6 @@ MC_ROWS = [{"context": "The sky is", "choices": ["blue", "green", "a cat"], "gol
 GEN_ROWS = [{"question": "What is 2+3?", "answer": "2+3=5\n#### 5"},
             {"question": "What is 7-1?", "answer": "#### 6"},
             {"question": "What is 1+1?", "answer": "#### 2"}]
-
 
 
 class ScriptedLM:

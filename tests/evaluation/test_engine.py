@@ -1,17 +1,5 @@
-"""Evaluation: task formats, answer extraction, scoring against direct log-probabilities, padding, batch and mesh
-invariance, adaptive exit, eval.py end to end, bad input, the lm-eval adapter."""
-
-
-
-
-
-
-
-
-
-
-
-
+"""EvalModel: multiple-choice scores against direct log-probabilities; independence of batch size, padding, order
+and mesh; adaptive-exit extremes; one generation compilation per sweep."""
 
 import jax
 import numpy as np

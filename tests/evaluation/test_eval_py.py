@@ -1,5 +1,4 @@
-"""Evaluation: task formats, answer extraction, scoring against direct log-probabilities, padding, batch and mesh
-invariance, adaptive exit, eval.py end to end, bad input, the lm-eval adapter."""
+"""eval.py end to end on a Hugging Face checkpoint, and bad input as clear errors."""
 
 import importlib.util
 import json

@@ -1,19 +1,4 @@
-"""Evaluation: task formats, answer extraction, scoring against direct log-probabilities, padding, batch and mesh
-invariance, adaptive exit, eval.py end to end, bad input, the lm-eval adapter."""
-
-
-
-
-
-
-
-
-
-
-
-
-
-
+"""The lm-evaluation-harness adapter through lm-eval's simple_evaluate."""
 
 import numpy as np
 import pytest

@@ -1,19 +1,5 @@
-"""Evaluation: task formats, answer extraction, scoring against direct log-probabilities, padding, batch and mesh
-invariance, adaptive exit, eval.py end to end, bad input, the lm-eval adapter."""
-
-
-
-
-
-
-
-
-
-
-
-
-
-
+"""Task files and answers: GSM8K answer extraction, the multiple-choice benchmark formats as lm-eval builds
+them, rolling perplexity windows."""
 
 import numpy as np
 

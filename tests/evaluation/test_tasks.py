@@ -1,19 +1,5 @@
-"""Evaluation: task formats, answer extraction, scoring against direct log-probabilities, padding, batch and mesh
-invariance, adaptive exit, eval.py end to end, bad input, the lm-eval adapter."""
-
-
-
-
-
-
-
-
-
-
-
-
-
-
+"""Tasks: spec parsing, lm-eval's GSM8K prompts and the chat template, generative and reasoning-gym scoring on a
+scripted model."""
 
 import numpy as np
 import pytest

@@ -1,6 +1,4 @@
-"""Config schema, validation messages (model and whole run configs) and the shipped configs."""
-
-
+"""The model config: validation messages, unknown fields, the released shape, the tiny config, the init statistics."""
 
 import math
 

@@ -1,6 +1,5 @@
-"""TPU path on a CPU machine: splash attention (interpret mode) against xla attention, every remat policy against
-no remat, and the tiny config's train step (splash attention) and generation compiled ahead of time for a TPU v5p
-slice."""
+"""TPU kernels and remat on a CPU machine: splash attention (interpret mode) against xla attention, every remat
+policy against no remat."""
 
 import dataclasses
 

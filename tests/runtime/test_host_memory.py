@@ -1,9 +1,10 @@
-"""recurrent_depth.host_memory: when the entry points re-execute with glibc's huge-page tunable, and that it takes
-effect (far fewer page faults for a large block allocated and freed again, as XLA:CPU does every step)."""
+"""recurrent_depth.runtime.host_memory: when the entry points re-execute with glibc's huge-page tunable, and that
+it takes effect (far fewer page faults for a large block allocated and freed again, as XLA:CPU does every step)."""
 
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,7 +14,7 @@ from recurrent_depth.runtime import host_memory
 CHILD = """
 import ctypes, resource, sys
 sys.path.insert(0, {root!r})
-from recurrent_depth.host_memory import use_huge_pages
+from recurrent_depth.runtime.host_memory import use_huge_pages
 use_huge_pages()
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
@@ -56,7 +57,7 @@ def test_huge_page_env_does_nothing_without_support(linux_with_thp, monkeypatch)
 
 @pytest.mark.skipif(host_memory.huge_page_env({}) is None, reason="needs glibc >= 2.35 and transparent huge pages")
 def test_use_huge_pages_reexecutes_with_fewer_page_faults():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.fspath(Path(__file__).resolve().parents[2])  # the repository
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     run = lambda env: int(subprocess.run([sys.executable, "-c", CHILD.format(root=root)], env=env, check=True,  # noqa: E731
                                          capture_output=True, text=True).stdout)

@@ -1,4 +1,4 @@
-"""Tests for recurrent_depth.depth: the paper's log-normal Poisson recurrence draw and the sampler factory."""
+"""Tests for recurrent_depth.training.depth: the paper's log-normal Poisson recurrence draw and the sampler factory."""
 
 import math
 

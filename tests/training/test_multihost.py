@@ -32,7 +32,7 @@ def test_two_processes_train_resume_restore_and_evaluate_like_one(tiny, tmp_path
     portpicker = pytest.importorskip("portpicker")
     port, out = portpicker.pick_unused_port(), tmp_path / "result.json"
     corpus = write_mixture_corpus(tmp_path / "corpus")
-    worker = Path(__file__).parent / "multihost_worker.py"
+    worker = Path(__file__).parents[1] / "multihost_worker.py"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     procs = [subprocess.Popen([sys.executable, str(worker), str(port), str(i), str(out), str(corpus)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]

@@ -1,4 +1,5 @@
-"""Tests for recurrent_depth.optim: ELLIS-Adam vs an independent NumPy reference, decay mask, schedules, factory."""
+"""Tests for recurrent_depth.training.optimizers: ELLIS-Adam vs an independent NumPy reference, decay mask,
+schedules, factory."""
 
 import math
 

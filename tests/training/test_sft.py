@@ -11,7 +11,7 @@ import pytest
 from recurrent_depth.cli import shell_game as shell_game_cli
 from recurrent_depth.data import shell_game
 from recurrent_depth.data.batch import IGNORE_INDEX
-from recurrent_depth.data.chat import ChatReader, encode_conversation
+from recurrent_depth.data.chat_rows import ChatReader, encode_conversation
 from recurrent_depth.data.chat_template import render_chat
 from recurrent_depth.data.pipeline import make_dataset
 from recurrent_depth.data.shell_game import ShellGameTokenizer

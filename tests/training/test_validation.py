@@ -1,4 +1,5 @@
-"""Config schema, validation messages (model and whole run configs) and the shipped configs."""
+"""Run-config validation: every section's bad values named by field, and every shipped config validated before
+anything compiles."""
 
 import functools
 

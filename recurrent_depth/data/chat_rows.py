@@ -4,7 +4,7 @@ assistant's tokens only, whole conversations packed into rows with document mask
 A source of kind `chat` (`data.kind = "chat"`, or one source of a mixture) is JSONL, one conversation a line:
     {"messages": [{"role": "system" | "user" | "assistant" | "Huginn", "content": "..."}, ...]}
     {"question": "...", "answer": "..."}                     (a user turn and an assistant turn)
-`data.chat.system_prompt` becomes the system turn of conversations without one.  `recurrent_depth.chat_template`
+`data.chat.system_prompt` becomes the system turn of conversations without one.  `recurrent_depth.data.chat_template`
 renders them (huginn-0125's template for its tokenizer, a plain one otherwise); its assistant mask selects the
 targets (`data.chat.loss_tokens = "assistant"`: the assistant's replies and their turn ends; `"all"`: every token).
 
