@@ -15,7 +15,7 @@ from recurrent_depth.runtime.sharding import make_mesh
 from eval_data import GEN_ROWS, MC_ROWS, TINY_CHECKPOINT, CharTokenizer, write_jsonl
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def files(tmp_path_factory):
     path = tmp_path_factory.mktemp("eval_data")
     (path / "doc.txt").write_text("hello world, this is some text. " * 3)
@@ -23,7 +23,7 @@ def files(tmp_path_factory):
             "doc": path / "doc.txt", "dir": path}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def lm(tiny):
     """The tiny model on one device, batch 4."""
     model, params = tiny
@@ -31,7 +31,7 @@ def lm(tiny):
                      progress=False)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def direct(tiny):
     """Summed log-probabilities of sequence tails from one plain forward pass (no padding masks: causal attention
     keeps the zeros after each sequence out of its positions)."""
@@ -50,7 +50,7 @@ def direct(tiny):
     return logprobs
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def hf_checkpoint(tmp_path_factory):
     """The tiny checkpoint with a byte-level BPE tokenizer.json (vocab 300, huginn-0125's special tokens)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
