@@ -117,34 +117,3 @@ def test_a_sweep_compiles_generation_once(lm):
     assert outs[1].tokens == [row[:3] for row in np.asarray(direct.tokens).tolist()]  # same result as its own count
 
 
-# ---- lm-eval ------------------------------------------------------------------------------------------------
-LM_EVAL_TASKS = """
-task: tiny_mc
-dataset_path: json
-dataset_kwargs: {{data_files: {{test: {mc}}}}}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{context}}}}"
-doc_to_choice: choices
-doc_to_target: gold
-metric_list: [{{metric: acc}}, {{metric: acc_norm}}]
----
-task: tiny_gen
-dataset_path: json
-dataset_kwargs: {{data_files: {{test: {gen}}}}}
-test_split: test
-output_type: generate_until
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_target: "{{{{answer}}}}"
-generation_kwargs: {{until: ["Question:"], max_gen_toks: 6, do_sample: false}}
-metric_list: [{{metric: exact_match}}]
----
-task: tiny_ppl
-dataset_path: json
-dataset_kwargs: {{data_files: {{test: {ppl}}}}}
-test_split: test
-output_type: loglikelihood_rolling
-doc_to_text: ""
-doc_to_target: "{{{{text}}}}"
-metric_list: [{{metric: word_perplexity}}, {{metric: bits_per_byte}}]
-"""

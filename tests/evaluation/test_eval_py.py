@@ -22,13 +22,6 @@ from eval_data import MC_ROWS, ROOT, TINY_CHECKPOINT, CharTokenizer, write_jsonl
 from helpers import single_cpu_env
 
 
-def _requests(n=11, seed=0):
-    """Random (context, continuation) ids, at most 27 inputs: padded to 16 or 32 positions."""
-    rng = np.random.default_rng(seed)
-    return [(rng.integers(4, 260, rng.integers(1, 21)).tolist(), rng.integers(4, 260, rng.integers(1, 9)).tolist())
-            for _ in range(n)]
-
-
 def test_eval_py_end_to_end(hf_checkpoint, files, tmp_path, direct):
     pytest.importorskip("reasoning_gym")
     out, doc = tmp_path / "out", tmp_path / "short.txt"
@@ -122,34 +115,3 @@ def test_bad_input_gives_clear_errors(tmp_path, files, tiny, hf_checkpoint):
     assert proc.returncode == 1 and "eval.py: error: task file" in proc.stderr and "Traceback" not in proc.stderr
 
 
-# ---- lm-eval ------------------------------------------------------------------------------------------------
-LM_EVAL_TASKS = """
-task: tiny_mc
-dataset_path: json
-dataset_kwargs: {{data_files: {{test: {mc}}}}}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{context}}}}"
-doc_to_choice: choices
-doc_to_target: gold
-metric_list: [{{metric: acc}}, {{metric: acc_norm}}]
----
-task: tiny_gen
-dataset_path: json
-dataset_kwargs: {{data_files: {{test: {gen}}}}}
-test_split: test
-output_type: generate_until
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_target: "{{{{answer}}}}"
-generation_kwargs: {{until: ["Question:"], max_gen_toks: 6, do_sample: false}}
-metric_list: [{{metric: exact_match}}]
----
-task: tiny_ppl
-dataset_path: json
-dataset_kwargs: {{data_files: {{test: {ppl}}}}}
-test_split: test
-output_type: loglikelihood_rolling
-doc_to_text: ""
-doc_to_target: "{{{{text}}}}"
-metric_list: [{{metric: word_perplexity}}, {{metric: bits_per_byte}}]
-"""

@@ -10,14 +10,6 @@ from recurrent_depth.evaluation.tasks import MultipleChoiceTask, PerplexityTask
 
 from eval_data import GEN_ROWS, write_jsonl
 
-
-def _requests(n=11, seed=0):
-    """Random (context, continuation) ids, at most 27 inputs: padded to 16 or 32 positions."""
-    rng = np.random.default_rng(seed)
-    return [(rng.integers(4, 260, rng.integers(1, 21)).tolist(), rng.integers(4, 260, rng.integers(1, 9)).tolist())
-            for _ in range(n)]
-
-
 # ---- lm-eval ------------------------------------------------------------------------------------------------
 LM_EVAL_TASKS = """
 task: tiny_mc

@@ -1,7 +1,6 @@
 """Task files and answers: GSM8K answer extraction, the multiple-choice benchmark formats as lm-eval builds
 them, rolling perplexity windows."""
 
-import numpy as np
 
 from recurrent_depth.evaluation.answers import exact_match, extract_flexible, extract_strict
 from recurrent_depth.evaluation.records import multiple_choice
@@ -80,41 +79,3 @@ def test_rolling_windows_predict_every_token_once_with_the_most_context():
         assert whole[start - len(context):start] == context
 
 
-def _requests(n=11, seed=0):
-    """Random (context, continuation) ids, at most 27 inputs: padded to 16 or 32 positions."""
-    rng = np.random.default_rng(seed)
-    return [(rng.integers(4, 260, rng.integers(1, 21)).tolist(), rng.integers(4, 260, rng.integers(1, 9)).tolist())
-            for _ in range(n)]
-
-
-# ---- lm-eval ------------------------------------------------------------------------------------------------
-LM_EVAL_TASKS = """
-task: tiny_mc
-dataset_path: json
-dataset_kwargs: {{data_files: {{test: {mc}}}}}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{context}}}}"
-doc_to_choice: choices
-doc_to_target: gold
-metric_list: [{{metric: acc}}, {{metric: acc_norm}}]
----
-task: tiny_gen
-dataset_path: json
-dataset_kwargs: {{data_files: {{test: {gen}}}}}
-test_split: test
-output_type: generate_until
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_target: "{{{{answer}}}}"
-generation_kwargs: {{until: ["Question:"], max_gen_toks: 6, do_sample: false}}
-metric_list: [{{metric: exact_match}}]
----
-task: tiny_ppl
-dataset_path: json
-dataset_kwargs: {{data_files: {{test: {ppl}}}}}
-test_split: test
-output_type: loglikelihood_rolling
-doc_to_text: ""
-doc_to_target: "{{{{text}}}}"
-metric_list: [{{metric: word_perplexity}}, {{metric: bits_per_byte}}]
-"""

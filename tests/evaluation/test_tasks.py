@@ -1,7 +1,6 @@
 """Tasks: spec parsing, lm-eval's GSM8K prompts and the chat template, generative and reasoning-gym scoring on a
 scripted model."""
 
-import numpy as np
 import pytest
 
 from recurrent_depth.data.tokenizer import apply_chat_template
@@ -61,41 +60,3 @@ def test_generative_and_reasoning_gym_scoring(files):
     assert result.metrics == {"score": 0.75} and [s["score"] for s in result.samples] == [1.0, 1.0, 1.0, 0.0]
 
 
-def _requests(n=11, seed=0):
-    """Random (context, continuation) ids, at most 27 inputs: padded to 16 or 32 positions."""
-    rng = np.random.default_rng(seed)
-    return [(rng.integers(4, 260, rng.integers(1, 21)).tolist(), rng.integers(4, 260, rng.integers(1, 9)).tolist())
-            for _ in range(n)]
-
-
-# ---- lm-eval ------------------------------------------------------------------------------------------------
-LM_EVAL_TASKS = """
-task: tiny_mc
-dataset_path: json
-dataset_kwargs: {{data_files: {{test: {mc}}}}}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{context}}}}"
-doc_to_choice: choices
-doc_to_target: gold
-metric_list: [{{metric: acc}}, {{metric: acc_norm}}]
----
-task: tiny_gen
-dataset_path: json
-dataset_kwargs: {{data_files: {{test: {gen}}}}}
-test_split: test
-output_type: generate_until
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_target: "{{{{answer}}}}"
-generation_kwargs: {{until: ["Question:"], max_gen_toks: 6, do_sample: false}}
-metric_list: [{{metric: exact_match}}]
----
-task: tiny_ppl
-dataset_path: json
-dataset_kwargs: {{data_files: {{test: {ppl}}}}}
-test_split: test
-output_type: loglikelihood_rolling
-doc_to_text: ""
-doc_to_target: "{{{{text}}}}"
-metric_list: [{{metric: word_perplexity}}, {{metric: bits_per_byte}}]
-"""
