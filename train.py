@@ -14,6 +14,9 @@ from ml_collections import config_flags
 from recurrent_depth.cli import app
 from recurrent_depth.runtime.host_memory import use_huge_pages
 
+if __name__ == "__main__":
+    use_huge_pages()  # re-executes; first, before the config flag below loads its default file, which imports jax
+
 FLAGS = flags.FlagValues()
 _CONFIG = config_flags.DEFINE_config_file("config", str(Path(__file__).parent / "configs" / "demo.py"),
                                           "Path to an ml_collections config file.", flag_values=FLAGS,
@@ -28,11 +31,10 @@ def main(argv: list[str] | None = None) -> int:
 def _train(args: list[str]) -> None:
     app.positional(args)
     logging.set_verbosity(logging.WARNING)  # Orbax and XLA are chatty at INFO
-    from recurrent_depth.training.loop import train  # jax loads here, after use_huge_pages
+    from recurrent_depth.training.loop import train  # the training stack loads only to train (not for --help)
 
     train(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":
-    use_huge_pages()
     sys.exit(main())
