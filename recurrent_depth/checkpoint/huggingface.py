@@ -8,15 +8,10 @@ directions use it.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import os
-import shutil
-import struct
-import tempfile
-from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -26,9 +21,11 @@ from etils import epath
 from flax import traverse_util
 from safetensors.numpy import save_file
 
+from recurrent_depth.checkpoint.safetensors_reader import SafetensorsFile, load_array
 from recurrent_depth.errors import CheckpointError
 from recurrent_depth.model.config import DTYPES, ModelConfig
 from recurrent_depth.model.lm import RecurrentDepthLM, init_params
+from recurrent_depth.runtime.paths import write_atomically, write_text_atomically
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -199,72 +196,6 @@ def freqs_cis(config: ModelConfig) -> np.ndarray:
 
 
 # ---- import ------------------------------------------------------------------------------------------
-# safetensors dtype names -> numpy dtypes (bfloat16 from ml_dtypes, as jax uses).
-_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16, "I64": np.int64,
-              "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
-_READ_CHUNK_BYTES = 64 * 2**20  # most bytes one ranged read of a remote file brings to the host at a time
-
-
-def _is_local(path: epath.Path) -> bool:
-    return "://" not in str(path)
-
-
-class SafetensorsFile:
-    """The tensors of one .safetensors file, read by rows: a memory map for local files, ranged reads for
-    remote ones (gs://), so that loading a slice reads only the rows it covers.
-
-    Format: an 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}}, the data.
-    """
-
-    def __init__(self, path: epath.Path):
-        self.path = path
-        with path.open("rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            try:
-                header = json.loads(f.read(length))
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise CheckpointError(f"{path}: not a safetensors file (unreadable header: {err})") from None
-        header.pop("__metadata__", None)
-        self.data_start = 8 + length
-        self.tensors = {}  # name -> (dtype, shape, byte offset from data_start)
-        self._mmap = np.memmap(os.fspath(path), np.uint8, mode="r") if _is_local(path) else None
-        data_bytes = None if self._mmap is None else len(self._mmap) - self.data_start
-        for name, info in header.items():
-            if info.get("dtype") not in _ST_DTYPES:
-                raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')!r}")
-            dtype, shape, (start, end) = np.dtype(_ST_DTYPES[info["dtype"]]), tuple(info["shape"]), info["data_offsets"]
-            if end - start != math.prod(shape) * dtype.itemsize or (data_bytes is not None and end > data_bytes):
-                raise CheckpointError(f"{path}: tensor {name} has data offsets {[start, end]} that do not fit its "
-                                      f"shape {list(shape)} and dtype {info['dtype']} or the file (truncated?)")
-            self.tensors[name] = (dtype, shape, start)
-
-    def rows(self, name: str, rows: np.ndarray, cols: np.ndarray | slice, dtype) -> np.ndarray:
-        """stored[rows][:, cols] as `dtype`, the stored tensor viewed as [shape[0], rest] ([1, n] if 1-D).
-        Reads each run of consecutive rows once, in chunks of at most _READ_CHUNK_BYTES."""
-        stored_dtype, shape, offset = self.tensors[name]
-        num_cols = math.prod(shape[1:]) if len(shape) > 1 else math.prod(shape)
-        row_bytes = num_cols * stored_dtype.itemsize
-        chunk_rows = max(1, _READ_CHUNK_BYTES // max(row_bytes, 1))
-        if isinstance(cols, np.ndarray) and len(cols) and np.array_equal(cols, np.arange(cols[0], cols[-1] + 1)):
-            cols = slice(int(cols[0]), int(cols[-1]) + 1)  # a contiguous range: a view, not a gather
-        runs = np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1) if len(rows) else []
-        parts = []
-        with contextlib.ExitStack() as stack:
-            f = None if self._mmap is not None else stack.enter_context(self.path.open("rb"))
-            for run in runs:
-                for lo in range(int(run[0]), int(run[-1]) + 1, chunk_rows):
-                    hi = min(lo + chunk_rows, int(run[-1]) + 1)
-                    start = self.data_start + offset + lo * row_bytes
-                    if f is None:
-                        raw = self._mmap[start:start + (hi - lo) * row_bytes]
-                    else:
-                        f.seek(start)
-                        raw = np.frombuffer(f.read((hi - lo) * row_bytes), np.uint8)
-                    block = raw.view(stored_dtype).reshape(hi - lo, num_cols)
-                    parts.append(np.asarray(block[:, cols], dtype=dtype))
-        return np.concatenate(parts) if parts else np.zeros((0, num_cols), dtype)[:, cols]
-
-
 def _shard_files(path: epath.Path) -> list[epath.Path]:
     if (path / INDEX_FILE).exists():
         weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
@@ -276,51 +207,6 @@ def _shard_files(path: epath.Path) -> list[epath.Path]:
     if (path / SINGLE_FILE).exists():
         return [path / SINGLE_FILE]
     raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}")
-
-
-def _slice_reader(entry: _Entry, shape: tuple[int, ...]):
-    """index (slices of the Flax array) -> (stored rows, stored columns, the Flax block from stored[rows][:, cols]).
-
-    A linear kernel [in..., out...] is the stored [out, in] transposed: its slice needs the stored rows of the
-    sliced output units and the columns of the sliced inputs.  Other tensors are stored reshapes that keep the
-    leading axis (1-D ones are read as one row).
-    """
-    def ranges(index, axes):
-        return [np.arange(shape[a])[index[a]] for a in axes]
-
-    def flat(parts, dims):  # C-order flat indices over the product of per-axis index ranges
-        if not parts:
-            return np.zeros(1, np.int64)
-        return np.ravel_multi_index(np.meshgrid(*parts, indexing="ij"), dims).ravel()
-
-    def read(index):
-        index = tuple(index) + (slice(None),) * (len(shape) - len(index))
-        block_shape = tuple(len(r) for r in ranges(index, range(len(shape))))
-        if entry.n_in is not None:
-            n = entry.n_in
-            rows = flat(ranges(index, range(n, len(shape))), shape[n:])
-            cols = flat(ranges(index, range(n)), shape[:n])
-            return rows, cols, lambda block: block.T.reshape(block_shape)
-        if len(shape) == 1:
-            return np.zeros(1, np.int64), np.arange(shape[0])[index[0]], lambda block: block.reshape(block_shape)
-        rows = np.arange(shape[0])[index[0]]
-        cols = flat(ranges(index, range(1, len(shape))), shape[1:])
-        return rows, cols, lambda block: block.reshape(block_shape)
-
-    return read
-
-
-def _load_array(file: SafetensorsFile, name: str, entry: _Entry, shape, dtype, sharding) -> jax.Array:
-    """The Flax array of one stored tensor, each device's shard read straight from the file."""
-    read = _slice_reader(entry, shape)
-
-    def shard(index):
-        rows, cols, finish = read(index)
-        return finish(file.rows(name, rows, cols, dtype))
-
-    if sharding is None:  # uncommitted on the default device, free to join any mesh later (as jnp.asarray is)
-        return jnp.asarray(shard((slice(None),) * len(shape)))
-    return jax.make_array_from_callback(shape, sharding, shard)
 
 
 def load_hf_config(path: str | os.PathLike, dtype: str = "float32") -> ModelConfig:
@@ -337,8 +223,9 @@ def from_huggingface(path: str | os.PathLike, dtype="float32", shardings=None) -
 
     `shardings`: a tree of jax Shardings like the parameters, or a function ModelConfig -> such a tree (e.g.
     `recurrent_depth.checkpoint.param_shardings(mesh)`); None gives uncommitted arrays on the default device.
-    Each device's shard is read straight from the safetensors file (only the rows it covers, converted to
-    `dtype`), so no device, and no host beyond one chunk of one tensor, ever holds the whole model.  The head is
+    Each host reads the stored rows its devices' shards cover once, in bounded blocks, and cuts the shards
+    (converted to `dtype`) out of them, so no device, and no host beyond one block plus its local shards of one
+    tensor, ever holds the whole model, and no byte is read twice.  The head is
     tied to the embedding whether or not `lm_head.weight` is stored; the stored `freqs_cis` table is ignored.
     """
     dtype = jnp.dtype(dtype).name
@@ -360,19 +247,20 @@ def from_huggingface(path: str | os.PathLike, dtype="float32", shardings=None) -
     entries = {e.hf_name: e for e in _layout(config)}
     ignored = set(IGNORED_TENSORS) | ({"lm_head.weight"} if config.tie_embeddings else set())
     flat, unexpected = {}, []
-    for file in map(SafetensorsFile, _shard_files(path)):
-        for name, (_, stored_shape, _) in file.tensors.items():
-            if name in ignored:
-                continue
-            entry = entries.get(name)
-            if entry is None:
-                unexpected.append(name)
-                continue
-            expected = _hf_shape(entry, shapes[entry.path])
-            if stored_shape != expected:
-                raise CheckpointError(f"tensor {name} has shape {stored_shape}, expected {expected}")
-            flat[entry.path] = _load_array(file, name, entry, shapes[entry.path], jnp.dtype(dtype),
-                                           flat_shardings[entry.path])
+    for file_path in _shard_files(path):
+        with SafetensorsFile(file_path) as file:
+            for name, (_, stored_shape, _) in sorted(file.tensors.items(), key=lambda t: t[1][2]):  # file order
+                if name in ignored:
+                    continue
+                entry = entries.get(name)
+                if entry is None:
+                    unexpected.append(name)
+                    continue
+                expected = _hf_shape(entry, shapes[entry.path])
+                if stored_shape != expected:
+                    raise CheckpointError(f"tensor {name} has shape {stored_shape}, expected {expected}")
+                flat[entry.path] = load_array(file, name, shapes[entry.path], entry.n_in, jnp.dtype(dtype),
+                                              flat_shardings[entry.path])
     if unexpected:
         raise CheckpointError(f"unexpected tensor(s) in checkpoint: {sorted(unexpected)}")
     missing = [e.hf_name for e in entries.values() if e.path not in flat]
@@ -391,27 +279,6 @@ def params_to_hf(config: ModelConfig, params) -> dict[str, np.ndarray]:
             raise CheckpointError(f"parameter {'/'.join(entry.path)} (for {entry.hf_name}) is missing")
         tensors[entry.hf_name] = _to_hf(entry, np.asarray(jax.device_get(flat[entry.path])))
     return tensors
-
-
-def _atomic_write(target: epath.Path, write) -> None:
-    """Writes through a local temporary file, then renames it over `target` (a local path) or copies it to
-    `target` (cloud storage, where an object appears whole or not at all): never a half-written file."""
-    local = _is_local(target)
-    fd, tmp = tempfile.mkstemp(dir=os.fspath(target.parent) if local else None, prefix=f".{target.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        if local:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the export from other users
-            os.replace(tmp, os.fspath(target))
-        else:
-            with open(tmp, "rb") as src, target.open("wb") as dst:
-                shutil.copyfileobj(src, dst, 16 * 2**20)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def to_huggingface(model_or_config, params, path: str | os.PathLike, max_shard_bytes: int = 5 * 2**30) -> None:
@@ -438,13 +305,13 @@ def to_huggingface(model_or_config, params, path: str | os.PathLike, max_shard_b
     else:
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for name, shard in zip(names, shards):
-        _atomic_write(path / name, lambda tmp, shard=shard: save_file(shard, tmp, metadata=metadata))
+        write_atomically(path / name, lambda tmp, shard=shard: save_file(shard, tmp, metadata=metadata))
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
                  "weight_map": {t: n for n, shard in zip(names, shards) for t in shard}}
-        _atomic_write(path / INDEX_FILE, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2)))
+        write_text_atomically(path / INDEX_FILE, json.dumps(index, indent=2))
     keep = set(names) | ({INDEX_FILE} if len(shards) > 1 else set())
     for old in stale:  # files of an earlier export in another layout
         if old.name not in keep and old.exists():
             old.unlink()
-    _atomic_write(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(config_to_hf(config), indent=2)))
+    write_text_atomically(path / CONFIG_FILE, json.dumps(config_to_hf(config), indent=2))

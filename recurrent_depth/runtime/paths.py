@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import tempfile
+from collections.abc import Callable
 
 import fsspec
 from etils import epath
@@ -41,3 +44,31 @@ def check_bucket(path: str | os.PathLike) -> None:
     if not readable:
         raise FileNotFoundError(f"bucket {bucket.group()} of {os.fspath(path)} does not exist or cannot be read "
                                 "(credentials; STORAGE_EMULATOR_HOST for an emulator)")
+
+
+def write_atomically(target: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """`write(local_path)` into a uniquely named temporary file, then renamed over `target` (a local path) or
+    copied to it (cloud storage, where an object appears whole or not at all): never a half-written file, even with
+    another writer of the same target still running."""
+    target = as_path(target)
+    local = not is_url(target)
+    fd, tmp = tempfile.mkstemp(dir=os.fspath(target.parent) if local else None, prefix=f".{target.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        if local:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the file from other users
+            os.replace(tmp, os.fspath(target))
+        else:
+            with open(tmp, "rb") as src, target.open("wb") as dst:
+                shutil.copyfileobj(src, dst, 16 * 2**20)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text_atomically(target: str | os.PathLike, text: str) -> None:
+    """`text` written to `target` whole or not at all (see write_atomically)."""
+    write_atomically(target, lambda tmp: open(tmp, "w", encoding="utf-8").write(text))

