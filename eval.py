@@ -64,8 +64,9 @@ _MESH = flags.DEFINE_string("mesh", "1,-1,1", "Mesh (data, fsdp, tensor); -1 is 
                             flag_values=FLAGS)
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Sequences per batch, rounded up to the batch shards "
                                    "(default: the run config's eval.batch_size, else 8).", flag_values=FLAGS)
-_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "Parameter and compute dtype.",
-                           flag_values=FLAGS)
+_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "Parameter and compute dtype "
+                           "(default: the checkpoint's own; a Hugging Face config.json's torch_dtype, bfloat16 for "
+                           "huginn-0125).", flag_values=FLAGS)
 _INIT_SCALE = flags.DEFINE_float("init_scale", 0.0, "Scale of the random initial state (0: zero state).",
                                  flag_values=FLAGS)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the initial state when init_scale > 0.", flag_values=FLAGS)

@@ -15,7 +15,7 @@ from recurrent_depth.cli import app
 from recurrent_depth.runtime.host_memory import use_huge_pages
 
 if __name__ == "__main__":
-    use_huge_pages()  # re-executes; first, before the config flag below loads its default file, which imports jax
+    use_huge_pages()  # re-executes (a plain `python train.py` only); first, before the config flag's file imports jax
 
 FLAGS = flags.FlagValues()
 _CONFIG = config_flags.DEFINE_config_file("config", str(Path(__file__).parent / "configs" / "demo.py"),

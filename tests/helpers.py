@@ -50,12 +50,11 @@ def run_steps(trainer, batches, steps):
 
 
 def local_iterator(config):
-    """This process's batches of config's training data."""
+    """An iterator over the batches of config's training data (its state is what a checkpoint restores)."""
     from recurrent_depth.data.pipeline import make_dataset
 
     return iter(make_dataset(config.data, batch_size=config.train.batch_size, seq_len=config.train.seq_len,
-                             vocab_size=config.model.vocab_size, seed=config.seed,
-                             process_index=jax.process_index(), process_count=jax.process_count()))
+                             vocab_size=config.model.vocab_size, seed=config.seed))
 
 
 def single_cpu_env() -> dict:
@@ -77,10 +76,16 @@ def eval_requests():
     return requests, prompts
 
 
-def write_mixture_corpus(directory) -> Path:
-    """A tiny JSONL + text corpus and a SentencePiece tokenizer trained on it, in `directory` (returned)."""
+def write_mixture_corpus(directory, seq_len: int = 32) -> Path:
+    """A tiny corpus of every source kind in `directory` (returned): JSONL and text documents, a SentencePiece
+    tokenizer trained on them, a row store prepared from the JSONL for `seq_len` (`store/`) and the text's tokens
+    as Parquet rows of 2 (seq_len + 1) tokens in the released dataset's layout (`rows.parquet`)."""
     import json
 
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from recurrent_depth.data.prepare import prepare
     from recurrent_depth.data.tokenizer import train_sentencepiece
 
     directory = Path(directory)
@@ -91,16 +96,25 @@ def write_mixture_corpus(directory) -> Path:
     with open(directory / "docs.jsonl", "w") as f:
         f.writelines(json.dumps({"text": d}) + "\n" for d in docs[:80])
     (directory / "docs.txt").write_text("\n\n".join(docs[80:]))
-    train_sentencepiece([directory / "docs.txt"], directory / "sp", vocab_size=300)
+    tokenizer = train_sentencepiece([directory / "docs.txt"], directory / "sp", vocab_size=300)
+    prepare([str(directory / "docs.jsonl")], tokenizer, directory / "store", seq_len=seq_len, num_shards=2, workers=1)
+    stream = np.concatenate([[tokenizer.bos_id, *tokenizer.encode(d), tokenizer.eos_id] for d in docs[80:]])
+    rows = stream[:len(stream) // (2 * seq_len + 2) * (2 * seq_len + 2)].reshape(-1, 2 * seq_len + 2)
+    pq.write_table(pa.table({"input_ids": pa.array(list(rows.astype(np.int64)), pa.list_(pa.int64()))}),
+                   directory / "rows.parquet", row_group_size=4)
     return directory
 
 
 def mixture_run_config(corpus):
-    """small_config() training on write_mixture_corpus(corpus)'s JSONL and text (weights 3:1), logging every step."""
+    """small_config() training on write_mixture_corpus(corpus)'s JSONL, text, row store and Parquet rows (weights
+    3:1:1:1), logging every step."""
     config = small_config()
     config.data.kind = "mixture"
     config.data.sources = [{"kind": "jsonl", "paths": str(Path(corpus) / "*.jsonl"), "weight": 3.0},
-                           {"kind": "text", "paths": str(Path(corpus) / "docs.txt"), "weight": 1.0}]
+                           {"kind": "text", "paths": str(Path(corpus) / "docs.txt"), "weight": 1.0},
+                           {"kind": "array_record", "paths": str(Path(corpus) / "store"), "weight": 1.0},
+                           {"kind": "parquet", "paths": str(Path(corpus) / "rows.parquet"), "weight": 1.0,
+                            "row_length": 2 * config.train.seq_len + 2}]
     config.data.tokenizer.path = str(Path(corpus) / "sp.model")
     config.train.update(log_every=1, peak_flops=1e12)
     config.checkpoint.update(every=2, async_save=False)

@@ -33,7 +33,8 @@ def train_steps(corpus: Path) -> dict:
 
 def restore_agreed(corpus: Path) -> dict:
     """From a copy of corpus/run whose newest checkpoint has process 1's array files corrupted, both processes
-    restore: [restored step, warned, failed here] of each process."""
+    restore: [restored step, warned, failed here, newest step listed after it] of each process, and what the
+    copy then holds beside its steps (the corrupt checkpoint moved aside)."""
     config = mixture_run_config(corpus)
     copy = corpus / "corrupt"
     if jax.process_index() == 0:
@@ -49,10 +50,13 @@ def restore_agreed(corpus: Path) -> dict:
         warnings.simplefilter("always")
         state = checkpointer.restore_latest(Trainer(config, make_mesh((2, 2, 2))).abstract_state(),
                                             local_iterator(config))
+    newest = max(checkpointer.manager.all_steps())
     checkpointer.close()
     messages = [str(w.message) for w in caught if "unreadable" in str(w.message)]
-    mine = np.asarray([int(state.step), bool(messages), any("on process" not in m for m in messages)], np.int32)
-    return {"restores": multihost_utils.process_allgather(mine).tolist()}
+    mine = np.asarray([int(state.step), bool(messages), any("on process" not in m for m in messages), newest],
+                      np.int32)
+    return {"restores": multihost_utils.process_allgather(mine).tolist(),
+            "moved": sorted(p.name for p in copy.iterdir() if not p.name.isdigit())}
 
 
 def evaluate() -> dict:
@@ -69,10 +73,30 @@ def evaluate() -> dict:
             "adaptive_steps": adaptive.steps.tolist(), "tokens": generated.tokens}
 
 
+def replica_batches(corpus: Path) -> dict:
+    """The first global batch of mixture_run_config(corpus) on a mesh whose tensor axis spans both processes (every
+    process holds every row) and on the (2, 2, 2) mesh, gathered: {mesh: {rows: [rows each process read], batch}}."""
+    from recurrent_depth.data.pipeline import make_dataset
+
+    config = mixture_run_config(corpus)
+    result = {}
+    for shape in ((1, 1, 8), (2, 2, 2)):
+        trainer = Trainer(config, make_mesh(shape))
+        local = next(iter(make_dataset(config.data, batch_size=config.train.batch_size, seq_len=config.train.seq_len,
+                                       vocab_size=trainer.model_config.vocab_size, seed=config.seed,
+                                       rows=trainer.batch_rows)))
+        batch = trainer.global_batch(local)
+        rows = multihost_utils.process_allgather(np.asarray(trainer.batch_rows + [-1] * 8)[:8])
+        result[str(shape)] = {"rows": rows.tolist(), **{k: multihost_utils.process_allgather(v, tiled=True).tolist()
+                                                          for k, v in batch.items()}}
+    return result
+
+
 def main(port: int, process_id: int, out: str, corpus: str) -> None:
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
     assert jax.device_count() == 8 and jax.local_device_count() == 4
-    result = {"train": train_steps(Path(corpus)), "restore": restore_agreed(Path(corpus)), "eval": evaluate()}
+    result = {"replicas": replica_batches(Path(corpus)), "train": train_steps(Path(corpus)),
+              "restore": restore_agreed(Path(corpus)), "eval": evaluate()}
     if jax.process_index() == 0:
         with open(out, "w") as f:
             json.dump(result, f)

@@ -556,7 +556,7 @@ def _with(command: list[str], **values) -> list[str]:
 
 def test_cheap_commands_run(tmp_path):
     """The README's data commands, as written but smaller, in a fresh working directory: the shell game's chat
-    data, the standard-library corpus, a tokenizer of two text files and pre-tokenized shards."""
+    data, the standard-library corpus, a tokenizer of two text files and a row store."""
     shell = _with(_readme_command("python -m recurrent_depth.cli.shell_game chat-data"), size=20)
     corpus = _with(_readme_command("python -m recurrent_depth.cli.corpus stdlib"), max_files=12)
     for name in ("a.txt", "b.txt"):  # what `--input=a.txt,b.txt` reads
@@ -580,4 +580,5 @@ def test_cheap_commands_run(tmp_path):
     corpus_dir = tmp_path / dict(a.split("=", 1) for a in corpus if "=" in a)["--output"]
     assert {"train.jsonl", "valid.jsonl", "tokenizer.model"} <= {p.name for p in corpus_dir.iterdir()}
     assert (tmp_path / "tok.model").exists()
-    assert len(list((tmp_path / "shards").glob("*.arrayrecord"))) == 2
+    store = tmp_path / dict(a.split("=", 1) for a in prepare if "=" in a)["--output"]
+    assert len(list(store.glob("*.arrayrecord"))) == 2 and (store / "index.json").exists()

@@ -3,6 +3,7 @@ every tool shares (its run config, its tokenizer, the check of its shape against
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -21,7 +22,7 @@ from recurrent_depth.checkpoint.train_state import (
 )
 from recurrent_depth.data.tokenizer import Tokenizer, load_tokenizer
 from recurrent_depth.errors import ConfigError
-from recurrent_depth.model.config import ModelConfig
+from recurrent_depth.model.config import DTYPES, ModelConfig
 from recurrent_depth.model.lm import RecurrentDepthLM
 from recurrent_depth.runtime.config_file import load_config_file
 from recurrent_depth.runtime.paths import as_path
@@ -60,23 +61,33 @@ def _checkpoint_kind(path: epath.Path) -> str:
                             f"({RUN_CONFIG_FILE} + {CHECKPOINTS_DIR}/)")
 
 
+def hf_dtype(path: str | os.PathLike) -> str:
+    """The dtype a Hugging Face checkpoint's config.json names (`torch_dtype`, or `dtype` as newer transformers
+    write it): bfloat16 for huginn-0125, so that it loads in the half of the memory it was released in; float32
+    where it names none or one this model does not run in."""
+    hf = json.loads((as_path(path) / HF_CONFIG_FILE).read_text())
+    name = str(hf.get("torch_dtype") or hf.get("dtype") or "float32").removeprefix("torch.")
+    return name if name in DTYPES else "float32"
+
+
 def load_model_config(path: str | os.PathLike) -> ModelConfig:
     """The model config of what `load_model(path)` loads, from its config file alone (no parameter is read)."""
     path = as_path(path)
     kind = _checkpoint_kind(path)
     if kind == "workdir":
         return ModelConfig.from_dict(workdir_run_config(path)["model"])
-    return load_hf_config(path) if kind == "huggingface" else load_params_config(path)
+    return load_hf_config(path, hf_dtype(path)) if kind == "huggingface" else load_params_config(path)
 
 
 def load_model(path: str | os.PathLike, dtype: str | None = None, shardings=None) -> tuple[RecurrentDepthLM, dict]:
     """Loads a Hugging Face checkpoint directory (config.json), a parameter checkpoint (model_config.json) or the
     newest checkpoint of a train.py workdir (config.json + checkpoints/), local or gs://, each array straight
-    into `shardings` (a tree of shardings or a function of the config such as `param_shardings(mesh)`)."""
+    into `shardings` (a tree of shardings or a function of the config such as `param_shardings(mesh)`).
+    `dtype` None keeps the checkpoint's own: a Hugging Face config.json's (`hf_dtype`), the stored arrays' else."""
     path = as_path(path)
     kind = _checkpoint_kind(path)
     if kind == "huggingface":
-        return from_huggingface(path, dtype=dtype or "float32", shardings=shardings)
+        return from_huggingface(path, dtype=dtype or hf_dtype(path), shardings=shardings)
     model, params = load_workdir_params(path, shardings) if kind == "workdir" else load_params(path, shardings)
     if dtype is not None:  # a cast keeps each array's sharding
         params = jax.tree.map(lambda x: x.astype(dtype), params)

@@ -4,10 +4,14 @@
       [--sampler=parallel] [--temperature=0.7 --top_p=0.9] [--show_steps]
 
 DIR (e.g. huginn-0125) is a Hugging Face checkpoint directory (its tokenizer.json is used), a parameter checkpoint
-or a train.py workdir (the tokenizer its run config names), as for eval.py.  The conversation is rendered with the
-tokenizer's chat template (recurrent_depth.data.chat_template).  When it no longer fits the model's context with
-room for a reply, the oldest turns are dropped (the system prompt stays) with a notice.  Commands: /reset (a new
-conversation), /quit (or end of input).  Exit status: 0, 1 for bad input (a one-line message), 2 for usage errors.
+or a train.py workdir (the tokenizer its run config names), as for eval.py; its parameters load in the checkpoint's
+own dtype (a Hugging Face config.json's torch_dtype: bfloat16 for huginn-0125) unless --dtype says otherwise.  The
+conversation is rendered with the tokenizer's chat template (recurrent_depth.data.chat_template); the shell game's
+SFT demo (configs/sft_demo.py, `--checkpoint=workdir-sft`) chats as its fine-tuning data were written, one question
+(the swaps) per conversation, and a message outside its words gets a notice of what it understands.  When a
+conversation no longer fits the model's context with room for a reply, the oldest turns are dropped (the system
+prompt stays) with a notice.  Commands: /reset (a new conversation), /quit (or end of input).  Exit status: 0, 1 for
+bad input (a one-line message), 2 for usage errors.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from absl import flags
 
 from recurrent_depth.checkpoint.loading import checkpoint_run_config, find_tokenizer, load_model
 from recurrent_depth.cli import app
-from recurrent_depth.decoding.chat_session import SAMPLERS, ChatSession, check_chat_template
+from recurrent_depth.data.chat_template import chat_hint
+from recurrent_depth.decoding.chat_session import MAX_NEW_TOKENS, SAMPLERS, ChatSession, check_chat_template
 from recurrent_depth.runtime.paths import as_path
 
 PROG = "python -m recurrent_depth.cli.chat"
@@ -45,8 +50,11 @@ flags.DEFINE_float("min_p", None, "drop tokens below this fraction of the top to
                    flag_values=FLAGS)
 flags.DEFINE_integer("seed", 0, "sampling seed", flag_values=FLAGS)
 flags.DEFINE_string("cache_strategy", None, "KV cache strategy (default: the sampler's)", flag_values=FLAGS)
-flags.DEFINE_integer("max_new_tokens", 256, "most tokens per reply", flag_values=FLAGS)
-flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "parameter and compute dtype", flag_values=FLAGS)
+flags.DEFINE_integer("max_new_tokens", None, f"most tokens per reply (default: {MAX_NEW_TOKENS}, at most half the "
+                     "model's context)", flag_values=FLAGS)
+flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "parameter and compute dtype (default: the "
+                  "checkpoint's own; a Hugging Face config.json's torch_dtype, bfloat16 for huginn-0125)",
+                  flag_values=FLAGS)
 flags.DEFINE_bool("show_steps", False, "print the iterations each token used", flag_values=FLAGS)
 flags.mark_flag_as_required("checkpoint", flag_values=FLAGS)
 
@@ -87,6 +95,9 @@ def _chat(args: list[str], stdin: TextIO, out: TextIO) -> int:
     session = ChatSession(model, params, tokenizer, system=FLAGS.system, sampler=FLAGS.sampler,
                           max_new_tokens=FLAGS.max_new_tokens, out=out, **settings)
     out.write(f"[{FLAGS.checkpoint}: {FLAGS.sampler} sampler; /reset starts over, /quit ends]\n")
+    about = [chat_hint(tokenizer) or "", "each message is a new conversation" if session.single_turn else ""]
+    if any(about):  # a task's model (the shell game's): what to type
+        session.notice("; ".join(a for a in about if a))
     while True:
         out.write("> ")
         out.flush()

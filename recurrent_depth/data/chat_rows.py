@@ -8,11 +8,10 @@ A source of kind `chat` (`data.kind = "chat"`, or one source of a mixture) is JS
 renders them (huginn-0125's template for its tokenizer, a plain one otherwise); its assistant mask selects the
 targets (`data.chat.loss_tokens = "assistant"`: the assistant's replies and their turn ends; `"all"`: every token).
 
-Rows hold whole conversations: lane j (see recurrent_depth.data) reads the conversations whose line begins in
-byte range j of B of the source's files, shuffles them every epoch by (seed, source, lane, epoch) and packs them in
-that order greedily into rows of seq_len + 1 tokens (a conversation that does not fit starts the next row; the
-rest of a row is padding, segment id 0, never a target).  Row k is found from k alone, so the iterator state is
-the step, as for the other sources.
+Rows hold whole conversations: every process reads the source's conversations, shuffles them every epoch by
+(seed, source, epoch) and packs them in that order greedily into rows of seq_len + 1 tokens (a conversation that
+does not fit starts the next row; the rest of a row is padding, segment id 0, never a target).  Row k is found
+from k alone, so the iterator state is the step, as for the other sources.
 
 A malformed row (invalid JSON, a message without role or content, an unknown role, no assistant turn, a
 conversation longer than seq_len + 1 tokens unless `data.chat.truncate`) raises `ChatDataError` naming the file
@@ -28,9 +27,10 @@ from collections.abc import Callable, Sequence
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 
 from recurrent_depth.data.chat_template import render_chat
-from recurrent_depth.data.sources import byte_ranges, expand_paths, jsonl_lines
+from recurrent_depth.data.sources import expand_paths, jsonl_lines
 from recurrent_depth.data.tokenizer import Tokenizer
 from recurrent_depth.errors import ChatDataError
 
@@ -79,8 +79,7 @@ def encode_conversation(tokenizer: Tokenizer, record: dict, options: ml_collecti
 
 
 class ChatReader:
-    """Reads and tokenizes chat sources into lanes; counts the rows it skipped (by file and byte offset, so a row
-    read by several lanes counts once)."""
+    """Reads and tokenizes chat sources; counts the rows it skipped (by file and byte offset)."""
 
     def __init__(self, options: ml_collections.ConfigDict, tokenizer: Tokenizer | None, row_len: int):
         if tokenizer is None:
@@ -104,23 +103,22 @@ class ChatReader:
             self.skipped[key] = (where, str(err))
             return None
 
-    def read(self, files: Sequence, shard: int, num_shards: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """The conversations whose line begins in byte range `shard` of `num_shards` of `files`."""
+    def read(self, files: Sequence) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Every usable conversation of `files`."""
         conversations = []
-        for file, lo, hi in byte_ranges(files, shard, num_shards):
-            for offset, where, line in jsonl_lines(file, lo, hi):
+        for file in map(epath.Path, files):
+            for offset, where, line in jsonl_lines(file, 0, file.stat().length):
                 row = self._row(where, line, (str(file), offset))
                 if row is not None:
                     conversations.append(row)
         return conversations
 
-    def lane(self, source: ml_collections.ConfigDict, shard: int, num_shards: int, seed: Sequence[int]) -> ChatLane:
-        """Lane `shard`'s conversations of one source (the whole source if that shard holds none), packed."""
-        files = expand_paths(source.paths)
-        conversations = self.read(files, shard, num_shards) or (self.read(files, 0, 1) if num_shards > 1 else [])
+    def rows(self, source: ml_collections.ConfigDict, seed: Sequence[int]) -> ChatRows:
+        """A source's conversations, packed into rows (each process reads the whole source)."""
+        conversations = self.read(expand_paths(source.paths))
         if not conversations:
             raise ValueError(f"the chat source {source.paths!r} holds no usable conversation")
-        return ChatLane(conversations, self.row_len, seed, self.tokenizer.pad_id)
+        return ChatRows(conversations, self.row_len, seed, self.tokenizer.pad_id)
 
     def log_skipped(self) -> int:
         """Warns of the rows skipped so far (data.chat.skip_malformed); returns their number."""
@@ -131,8 +129,8 @@ class ChatReader:
         return len(self.skipped)
 
 
-class ChatLane:
-    """One lane's conversations of one source: each epoch a new order, packed greedily into rows of `row_len`
+class ChatRows:
+    """A source's conversations: each epoch a new order, packed greedily into rows of `row_len`
     tokens; row k computed from k (the rows of the epochs before it are counted once and remembered)."""
 
     def __init__(self, conversations: Sequence[tuple[np.ndarray, np.ndarray]], row_len: int, seed: Sequence[int],

@@ -12,6 +12,10 @@ Two templates, chosen by the tokenizer:
 
 The assistant mask is True on the tokens of every assistant message's content and its turn end (so the model learns
 to stop), False on headers, other roles and the final `<|end_text|>`.
+
+A tokenizer of a small task vocabulary (the shell game's) may say more for a chat: `chat_hint`, what a user may
+write (shown when a message has other words), and `chat_single_turn`, that its conversations are one question and
+the answer (so a chat starts every message anew, as the fine-tuning data had them).
 """
 
 from __future__ import annotations
@@ -84,6 +88,16 @@ def render_chat(tokenizer: Tokenizer, messages: Iterable[dict], *,
     elif huginn:
         put([tokenizer.eos_id], False)
     return ids, mask
+
+
+def chat_hint(tokenizer: Tokenizer) -> str | None:
+    """What a user may write to a model of this tokenizer, where its vocabulary is a task's (else None)."""
+    return getattr(tokenizer, "chat_hint", None)
+
+
+def single_turn(tokenizer: Tokenizer) -> bool:
+    """Whether a conversation in this tokenizer's chat format is one user message and its answer."""
+    return bool(getattr(tokenizer, "chat_single_turn", False))
 
 
 def chat_stop_ids(tokenizer: Tokenizer) -> tuple[int, ...]:

@@ -1,4 +1,4 @@
-"""Packing documents into rows: one lane's documents as an endless token stream, reshuffled every epoch, with row k
+"""Packing documents into rows: a source's documents as an endless token stream, reshuffled every epoch, with row k
 computed from k alone (so the iterator state is the step)."""
 
 from __future__ import annotations
@@ -8,9 +8,10 @@ from collections.abc import Sequence
 import numpy as np
 
 
-class DocumentLane:
-    """One source's rows for one lane: its documents packed into an endless stream, reshuffled each epoch; row k
-    is tokens [k L, (k+1) L) of the stream (L = row_len), computed from k alone."""
+class PackedDocuments:
+    """A source's rows: its documents packed into an endless stream, reshuffled each epoch; row k is tokens
+    [k L, (k+1) L) of the stream (L = row_len), computed from k alone.  Rows are full (no padding); segment ids
+    number the document pieces of a row and positions restart at 0 in each."""
 
     def __init__(self, docs: Sequence[np.ndarray], row_len: int, seed: Sequence[int]):
         self.lengths = np.array([len(d) for d in docs], np.int64)

@@ -1,24 +1,18 @@
-"""Training data: sources, tokenisation, packing into rows with segment ids, batching, as grain datasets.
+"""Training data as grain datasets: the global batch of step t, a function of (seed, t) and the data config only.
 
-Sources (a mixture with weights): plain text files (documents separated by blank lines), JSONL (one document per
-line, a configurable text field) and pre-tokenized ArrayRecord files (one int32 document per record, written by
-`recurrent_depth.data.prepare`).  Every path is an `etils.epath.Path`, so `gs://` sources work.
+Sources (a mixture with weights, see recurrent_depth.data.config):
+- row stores, read by index and never up front: `array_record` (a store made by `prepare`) and `parquet` (token
+  rows in the released Huginn dataset's layout), see recurrent_depth.data.stores;
+- `text` and `jsonl` files, tokenized at start-up and packed into one endless stream per source (every process
+  reads the whole source once: for small corpora), see recurrent_depth.data.packing;
+- `chat` conversations, see recurrent_depth.data.chat_rows.
+Every path is an `etils.epath.Path`, so `gs://` sources work (ArrayRecord through a mount).
 
-The global batch of step t is a function of (seed, t) and the data config only, never of the process count:
-- Row j of every global batch of B rows is *lane* j.  Lane j reads shard j of B of each source: for text and
-  JSONL the documents that begin in byte range j of B of the concatenated files (a JSONL line belongs to the range
-  holding its first byte, a text document to the range holding the blank line before it, or the file's start),
-  for ArrayRecord records j, j + B, ...  A shard with no document falls back to the whole source (tiny corpora).
-- A lane packs its shard's documents (BOS/EOS added, reshuffled every epoch by (seed, source, lane, epoch)) into
-  one endless token stream; its k-th row is tokens [k (L+1), (k+1)(L+1)) of that stream, found from k directly by
-  a search in the epoch's cumulative document lengths.  Rows are full (no padding); segment ids number the
-  document pieces of a row and positions restart at 0 in each.
-- Sources mix per row: a fixed pattern of 1000 slots gives each source its share of the weights (largest
-  remainder, smooth round robin); lane j's row at step t comes from slot (j * 1000 // B + t) mod 1000, and is the
-  next unused row of that source in that lane.
-So a process computes exactly its rows [lo, lo + B / P) of each batch, and it reads and holds only its lanes'
-shards: 1/P of the corpus, split before anything is read.  Nothing depends on history, so the data-iterator state
-is just the step: a checkpoint written by any number of processes resumes on any other number (or mesh).
+Row j of step t's global batch of B rows is global row g = t B + j.  A fixed pattern of 1000 slots gives each
+source its share of the weights (`Schedule`); g is row k of source pattern[g mod 1000], and a source finds row k
+from k alone (a new order every epoch).  So a process computes exactly the rows it holds (the rows of the batch
+that its devices hold, identical on replicas), reads nothing else, and nothing depends on history: the iterator
+state is the step, and a checkpoint written by any number of processes resumes on any other number (or mesh).
 The generated tasks ('synthetic', 'shell_game') are functions of the step already; each process keeps its rows.
 """
 
@@ -33,23 +27,32 @@ import numpy as np
 
 from recurrent_depth.data.batch import ToModelBatch
 from recurrent_depth.data.chat_rows import ChatReader
-from recurrent_depth.data.packing import DocumentLane
+from recurrent_depth.data.config import SOURCE_KINDS
+from recurrent_depth.data.packing import PackedDocuments
+from recurrent_depth.data.row_format import tokenizer_identity
 from recurrent_depth.data.shell_game import ShellGameTokenizer, shell_game_batch
-from recurrent_depth.data.sources import shard_documents
+from recurrent_depth.data.sources import source_documents
+from recurrent_depth.data.stores import (
+    HUGINN_BOS_ID,
+    RELEASED_ROW_LENGTH,
+    ArrayRecordStore,
+    ParquetStore,
+    ShuffledRows,
+)
 from recurrent_depth.data.synthetic import progression_batch
 from recurrent_depth.data.tokenizer import load_tokenizer
+from recurrent_depth.errors import ConfigError
 
 DATA_KINDS = ("synthetic", "shell_game", "mixture", "chat")  # chat: a mixture of chat sources only
 MIX_PERIOD = 1000  # slots of the per-row source pattern: weights are honoured to 1 / MIX_PERIOD
-# Batches computed ahead by grain's threads while the device runs the current step.
-READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
 
 
-class _Schedule:
-    """Which source each lane's row comes from at each step: a fixed pattern of MIX_PERIOD slots holding each
-    source in proportion to its weight; lane j starts at slot j * MIX_PERIOD // lanes."""
+class Schedule:
+    """Which source global row g (= step * batch_size + j) comes from: a fixed pattern of MIX_PERIOD slots holding
+    each source in proportion to its weight (largest remainders, smoothly interleaved); row g is row k of its
+    source, k the number of earlier slots of that source."""
 
-    def __init__(self, weights: Sequence[float], lanes: int, names: Sequence[str]):
+    def __init__(self, weights: Sequence[float], names: Sequence[str]):
         for w, name in zip(weights, names):
             if not w > 0:
                 raise ValueError(f"data source {name!r}: weight must be positive, got {w!r}")
@@ -67,71 +70,98 @@ class _Schedule:
         self.pattern, self.quota = np.asarray(pattern), quota
         self.prefix = np.concatenate([np.zeros((1, len(quota)), np.int64),
                                       np.cumsum(np.eye(len(quota), dtype=np.int64)[pattern], axis=0)])
-        self.offsets = [j * MIX_PERIOD // lanes for j in range(lanes)]
 
-    def _count(self, n: int) -> np.ndarray:  # [sources] slots of each source among the first n
-        return (n // MIX_PERIOD) * self.quota + self.prefix[n % MIX_PERIOD]
-
-    def __call__(self, lane: int, step: int) -> tuple[int, int]:
-        """(source, row of that source in this lane) of the lane's row at `step`."""
-        o = self.offsets[lane]
-        source = int(self.pattern[(o + step) % MIX_PERIOD])
-        return source, int(self._count(o + step)[source] - self._count(o)[source])
+    def __call__(self, g: int) -> tuple[int, int]:
+        """(source, row of that source) of global row g."""
+        source = int(self.pattern[g % MIX_PERIOD])
+        return source, int((g // MIX_PERIOD) * self.quota[source] + self.prefix[g % MIX_PERIOD, source])
 
 
 class _MixtureBatch:
     """step -> this process's rows of the global batch, as model inputs [rows, seq]."""
 
-    def __init__(self, lanes: dict[int, list], schedule: _Schedule, document_masking: bool):
-        self.lanes, self.schedule = lanes, schedule  # lanes: global row -> one lane (DocumentLane, ChatLane) per source
+    def __init__(self, sources: list, schedule: Schedule, batch_size: int, rows: Sequence[int],
+                 document_masking: bool):
+        self.sources, self.schedule, self.batch_size, self.rows = sources, schedule, batch_size, rows
         self.to_model = ToModelBatch(document_masking)
 
     def __call__(self, step: int) -> dict:
         rows = []
-        for j, per_source in self.lanes.items():
-            source, k = self.schedule(j, step)
-            rows.append(per_source[source].row(k))
+        for j in self.rows:
+            source, k = self.schedule(step * self.batch_size + j)
+            rows.append(self.sources[source].row(k))
         tokens, segments, positions, loss_mask = (np.stack(x) for x in zip(*rows))
         return self.to_model({"tokens": tokens, "tokens_segment_ids": segments, "tokens_positions": positions,
                               "tokens_loss_mask": loss_mask})
 
 
-def _by_step(batch_of_step) -> grain.IterDataset:
-    """The endless dataset whose element i is batch_of_step(i); its iterator state is the step reached, the same
-    on every process and for any process count."""
-    return grain.MapDataset.range(2**62).map(batch_of_step).to_iter_dataset(READ_OPTIONS)
+def _by_step(batch_of_step, read_threads: int) -> grain.IterDataset:
+    """The endless dataset whose element i is batch_of_step(i), computed ahead by `read_threads` threads (reading,
+    Parquet decoding and slicing release the GIL); its iterator state is the step reached, the same on every
+    process and for any process count."""
+    options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * read_threads)
+    return grain.MapDataset.range(2**62).map(batch_of_step).to_iter_dataset(options)
 
 
 class _LocalRows:
-    """Batch `step` of an in-process task (make_batch(step)); this process keeps rows [lo, lo + rows)."""
+    """Batch `step` of an in-process task (make_batch(step)), keeping this process's rows."""
 
-    def __init__(self, make_batch, lo: int, rows: int):
-        self.make_batch, self.lo, self.rows = make_batch, lo, rows
+    def __init__(self, make_batch, rows: Sequence[int]):
+        self.make_batch, self.rows = make_batch, np.asarray(rows)
 
     def __call__(self, step: int) -> dict:
-        return {k: v[self.lo:self.lo + self.rows] for k, v in self.make_batch(step).items()}
+        return {k: v[self.rows] for k, v in self.make_batch(step).items()}
+
+
+def _row_source(source: ml_collections.ConfigDict, i: int, *, tokenizer, chat, seq_len: int, vocab_size: int,
+                seed: int):
+    """Source i's rows, each found from its index k by `.row(k)`."""
+    if source.kind in ("text", "jsonl"):
+        return PackedDocuments(source_documents(source, tokenizer), seq_len + 1, (seed, i))
+    if source.kind == "chat":
+        return chat.rows(source, (seed, i))
+    if source.kind == "array_record":
+        identity = None if tokenizer is None else tokenizer_identity(tokenizer)
+        return ShuffledRows(ArrayRecordStore(source.paths, seq_len, vocab_size, identity), (seed, i))
+    if source.kind == "parquet":
+        bos = source.get("bos_id", -1)
+        bos = (tokenizer.bos_id if tokenizer is not None else HUGINN_BOS_ID) if bos < 0 else bos
+        pad = tokenizer.pad_id if tokenizer is not None else 0
+        store = ParquetStore(source.paths, seq_len, vocab_size, column=source.get("column", "input_ids"),
+                             row_length=source.get("row_length", RELEASED_ROW_LENGTH), bos_id=bos, pad_id=pad)
+        return ShuffledRows(store, (seed, i))
+    raise ValueError(f"unknown data source kind {source.kind!r}; valid kinds: {SOURCE_KINDS}")
+
+
+def _same_tokenizer(sources: Sequence, row_sources: Sequence) -> None:
+    """Without data.tokenizer, the row stores of a mixture must at least share one tokenizer."""
+    stores = [(s.paths, r.store.tokenizer) for s, r in zip(sources, row_sources) if s.kind == "array_record"]
+    for paths, identity in stores[1:]:
+        if identity["fingerprint"] != stores[0][1]["fingerprint"]:
+            raise ConfigError(f"the row stores {stores[0][0]!r} and {paths!r} were made with different tokenizers "
+                              f"({stores[0][1]['fingerprint']} and {identity['fingerprint']})")
 
 
 def make_dataset(config: ml_collections.ConfigDict, *, batch_size: int, seq_len: int, vocab_size: int, seed: int,
-                 process_index: int = 0, process_count: int = 1, sources=None) -> grain.IterDataset:
-    """This process's rows [p B/P, (p+1) B/P) of each global batch of B = `batch_size` rows (an endless grain
-    dataset whose iterator state is the step); the global batches do not depend on the process count.
+                 rows: Sequence[int] | None = None, sources=None) -> grain.IterDataset:
+    """This process's `rows` (global row indices, default all) of each global batch of `batch_size` rows: an
+    endless grain dataset of {inputs, labels, segment_ids, positions} [len(rows), seq_len], whose iterator state is
+    the step.  The global batches depend on (seed, step) and the config only.
 
     `config` is the `data` section; `sources` overrides `config.sources` (e.g. with the held-out sources).
-    Chat sources (data.kind 'chat', or kind 'chat' in a mixture) are read by recurrent_depth.data.chat_rows.
     """
-    if batch_size % process_count:
-        raise ValueError(f"the batch size {batch_size} is not divisible by {process_count} processes")
-    rows = batch_size // process_count
-    lo = process_index * rows
+    rows = list(range(batch_size)) if rows is None else sorted(rows)
+    if not rows or rows[0] < 0 or rows[-1] >= batch_size:
+        raise ValueError(f"rows {rows[:1]}...{rows[-1:]} outside a batch of {batch_size}")
+    threads = config.read_threads
     if config.kind == "synthetic":
-        return _by_step(_LocalRows(functools.partial(progression_batch, batch_size, seq_len, vocab_size, seed), lo,
-                                   rows))
+        return _by_step(_LocalRows(functools.partial(progression_batch, batch_size, seq_len, vocab_size, seed), rows),
+                        threads)
     if config.kind == "shell_game":
         if vocab_size < ShellGameTokenizer.vocab_size:
             raise ValueError(f"the shell game has {ShellGameTokenizer.vocab_size} tokens but the model only "
                              f"{vocab_size}")
-        return _by_step(_LocalRows(functools.partial(shell_game_batch, batch_size, seq_len, seed), lo, rows))
+        return _by_step(_LocalRows(functools.partial(shell_game_batch, batch_size, seq_len, seed), rows), threads)
     if config.kind not in ("mixture", "chat"):
         raise ValueError(f"unknown data.kind {config.kind!r}; valid kinds: {DATA_KINDS}")
     sources = config.sources if sources is None else sources
@@ -144,17 +174,12 @@ def make_dataset(config: ml_collections.ConfigDict, *, batch_size: int, seq_len:
     tokenizer = load_tokenizer(config.tokenizer.kind, config.tokenizer.path) if has_path else None
     if tokenizer is not None and tokenizer.vocab_size > vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {vocab_size}")
-    schedule = _Schedule([float(s.get("weight", 1.0)) for s in sources], batch_size, [str(s.paths) for s in sources])
-    chat = None
-    if any(s.kind == "chat" for s in sources):
-        chat = ChatReader(config.chat, tokenizer, seq_len + 1)
-
-    def lane(source, i, j):
-        if source.kind == "chat":
-            return chat.lane(source, j, batch_size, (seed, i, j))
-        return DocumentLane(shard_documents(source, tokenizer, vocab_size, j, batch_size), seq_len + 1, (seed, i, j))
-
-    lanes = {j: [lane(s, i, j) for i, s in enumerate(sources)] for j in range(lo, lo + rows)}
+    schedule = Schedule([float(s.get("weight", 1.0)) for s in sources], [str(s.paths) for s in sources])
+    chat = ChatReader(config.chat, tokenizer, seq_len + 1) if any(s.kind == "chat" for s in sources) else None
+    row_sources = [_row_source(s, i, tokenizer=tokenizer, chat=chat, seq_len=seq_len, vocab_size=vocab_size,
+                               seed=seed) for i, s in enumerate(sources)]
+    if tokenizer is None:
+        _same_tokenizer(sources, row_sources)
     if chat is not None:
         chat.log_skipped()
-    return _by_step(_MixtureBatch(lanes, schedule, config.document_masking))
+    return _by_step(_MixtureBatch(row_sources, schedule, batch_size, rows, config.document_masking), threads)

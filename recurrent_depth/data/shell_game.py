@@ -43,6 +43,12 @@ class ShellGameTokenizer:
 
     pad_id, bos_id, eos_id = 0, 1, 2
     vocab_size = len(TOKENS)
+    fingerprint = "shell-game-v1"  # its words are fixed
+    # For the chat (recurrent_depth.decoding.chat_session): what a user may write, shown when a message has other
+    # words; and that a conversation is one question, as in the chat variant's fine-tuning data (`chat_rows`).
+    chat_hint = ("the shell game model understands swaps of two cups a-e, like 'ab cd bd', and answers where the "
+                 "ball ends up (it starts under a)")
+    chat_single_turn = True
     _ids = {t: i for i, t in enumerate(TOKENS)} | {b + a: TOKENS.index(a + b) for a, b in
                                                      itertools.combinations(CUPS, 2)}
 

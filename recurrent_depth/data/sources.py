@@ -1,5 +1,5 @@
-"""Reading documents: text and JSONL files (whole, or one byte range of their concatenation) and pre-tokenized
-ArrayRecord files, local or `gs://` (every path is an `etils.epath.Path`); a malformed line names its file and line."""
+"""Reading documents: text and JSONL files (whole, or one byte range of their concatenation, as `prepare` shards
+them), local or `gs://` (every path is an `etils.epath.Path`); a malformed line names its file and line."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ import json
 import os
 from collections.abc import Callable, Iterator, Sequence
 
-import grain
 import ml_collections
 import numpy as np
+from absl import logging
 from etils import epath
 
 from recurrent_depth.data.tokenizer import Tokenizer
 
-SOURCE_KINDS = ("text", "jsonl", "array_record", "chat")  # chat: recurrent_depth.data.chat_rows
+LARGE_TEXT_SOURCE = 1 << 28  # tokens of a text source beyond which a warning suggests a row store
 
 
 def expand_paths(pattern: str | Sequence[str]) -> list[epath.Path]:
@@ -174,40 +174,17 @@ class Tokenize:
         return np.asarray([t.bos_id, *t.encode(text), t.eos_id], np.int32)
 
 
-class DecodeRecord:
-    """An ArrayRecord record (int32 bytes) -> tokens, rejecting ids outside the vocabulary."""
-
-    def __init__(self, vocab_size: int, name: str):
-        self.vocab_size, self.name = vocab_size, name
-
-    def __call__(self, record: bytes) -> np.ndarray:
-        tokens = np.frombuffer(record, np.int32).copy()
-        bad = tokens[(tokens < 0) | (tokens >= self.vocab_size)]
-        if bad.size:
-            raise ValueError(f"{self.name}: token id {int(bad[0])} outside the model's vocabulary "
-                             f"[0, {self.vocab_size})")
-        return tokens
-
-
-def shard_documents(source: ml_collections.ConfigDict, tokenizer: Tokenizer | None, vocab_size: int, shard: int,
-                    num_shards: int) -> list[np.ndarray]:
-    """The tokenized documents of shard `shard` of `num_shards` of one source (the whole source if that shard
-    holds none): what one lane of the global batch reads."""
-    if source.kind not in SOURCE_KINDS:
-        raise ValueError(f"unknown data source kind {source.kind!r}; valid kinds: {SOURCE_KINDS}")
-    files = expand_paths(source.paths)
-    if source.kind == "array_record":
-        records = grain.sources.ArrayRecordDataSource([str(f) for f in files])
-        decode = DecodeRecord(vocab_size, str(source.paths))
-        indices = range(shard, len(records), num_shards) or range(len(records))
-        docs = [decode(records[i]) for i in indices]
-    else:
-        if tokenizer is None:
-            raise ValueError(f"a {source.kind} source needs data.tokenizer.kind and data.tokenizer.path")
-        text_field = source.get("text_field", "text")
-        texts = read_shard(source.kind, files, shard, num_shards, text_field)
-        texts = texts or (read_shard(source.kind, files, 0, 1, text_field) if num_shards > 1 else [])
-        docs = list(map(Tokenize(tokenizer), texts))
+def source_documents(source: ml_collections.ConfigDict, tokenizer: Tokenizer | None) -> list[np.ndarray]:
+    """Every document of a text or JSONL source, tokenized: each process reads the whole source once, stating each
+    file once (for small corpora; `prepare` a row store for a large one)."""
+    if tokenizer is None:
+        raise ValueError(f"a {source.kind} source needs data.tokenizer.kind and data.tokenizer.path")
+    texts = read_documents(source.kind, expand_paths(source.paths), source.get("text_field", "text"))
+    docs = list(map(Tokenize(tokenizer), texts))
     if not docs:
         raise ValueError(f"the data source {source.paths!r} holds no documents")
+    tokens = sum(map(len, docs))
+    if tokens > LARGE_TEXT_SOURCE:
+        logging.warning("the %s source %r holds %d tokens, tokenized and held by every process: prepare a row store "
+                        "instead (python -m recurrent_depth.cli.data prepare)", source.kind, source.paths, tokens)
     return docs

@@ -1,6 +1,8 @@
 """Tokenizers: SentencePiece models trained here, and the released model's `tokenizer.json`.
 
-Both satisfy one small interface (`encode`, `decode`, `bos_id`, `eos_id`, `pad_id`, `vocab_size`).
+Both satisfy one small interface (`encode`, `decode`, `bos_id`, `eos_id`, `pad_id`, `vocab_size`, `fingerprint`).
+`pad_id` is always a valid id: a model without one (SentencePiece's default, pad_id -1) pads with EOS, which is
+harmless because padding is masked out of the loss and the attention (an out-of-range id would embed as NaN).
 
 `python -m recurrent_depth.cli.tokenizer train` trains a SentencePiece model.
 """
@@ -16,6 +18,7 @@ from typing import Protocol
 import sentencepiece as spm
 import tokenizers
 
+from recurrent_depth.data.row_format import fingerprint
 from recurrent_depth.data.shell_game import ShellGameTokenizer
 from recurrent_depth.runtime.paths import as_path
 
@@ -29,6 +32,7 @@ class Tokenizer(Protocol):
     eos_id: int
     pad_id: int
     vocab_size: int
+    fingerprint: str  # of the model: row stores record it (recurrent_depth.data.row_format)
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -43,9 +47,11 @@ class SentencePieceTokenizer:
         self.model_file = str(model_file)
         if not as_path(self.model_file).exists():
             raise FileNotFoundError(f"SentencePiece model {self.model_file} does not exist")
-        sp = self._processor
-        self.bos_id, self.eos_id, self.pad_id = sp.bos_id(), sp.eos_id(), sp.pad_id()
-        self.vocab_size = sp.get_piece_size()
+        proto = as_path(self.model_file).read_bytes()
+        sp = self._processor = spm.SentencePieceProcessor(model_proto=proto)
+        self.vocab_size, self.fingerprint = sp.get_piece_size(), fingerprint(proto)
+        self.bos_id, self.eos_id = sp.bos_id(), sp.eos_id()
+        self.pad_id = usable_pad_id(sp.pad_id(), self.eos_id, self.vocab_size)
 
     @functools.cached_property
     def _processor(self):
@@ -76,6 +82,7 @@ class HuggingFaceTokenizer:
             raise ValueError(f"{file} has no token for {missing} ({bos!r}, {eos!r}, {pad!r} expected)")
         self.bos_id, self.eos_id, self.pad_id = ids["bos"], ids["eos"], ids["pad"]
         self.vocab_size = self._tokenizer.get_vocab_size()
+        self.fingerprint = fingerprint(self._tokenizer.to_str())
 
     def encode(self, text: str) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=False).ids
@@ -88,6 +95,15 @@ class HuggingFaceTokenizer:
         if value is None:
             raise ValueError(f"unknown token {token!r}")
         return value
+
+
+def usable_pad_id(pad_id: int, eos_id: int, vocab_size: int) -> int:
+    """The tokenizer's pad id if it has one in [0, vocab_size), else the documented fallback: EOS."""
+    if 0 <= pad_id < vocab_size:
+        return pad_id
+    if not 0 <= eos_id < vocab_size:
+        raise ValueError(f"the tokenizer has neither a pad id nor an EOS id in [0, {vocab_size}) to pad with")
+    return eos_id
 
 
 TOKENIZER_KINDS = ("sentencepiece", "huggingface", "shell_game")

@@ -1,5 +1,7 @@
 """A conversation with a model: the history rendered in the tokenizer's chat template, the reply streamed as its
-tokens become final, the oldest turns dropped (never the system prompt) when the context runs out."""
+tokens become final, the oldest turns dropped (never the system prompt) when the context runs out.  A message the
+tokenizer cannot encode (a word outside a task's vocabulary) gets a notice saying what the model understands; a
+tokenizer whose chat data were one question each (`chat_template.single_turn`) starts every message anew."""
 
 from __future__ import annotations
 
@@ -8,26 +10,34 @@ from typing import TextIO
 
 import numpy as np
 
-from recurrent_depth.data.chat_template import chat_stop_ids, render_chat
+from recurrent_depth.data.chat_template import chat_hint, chat_stop_ids, render_chat, single_turn
 from recurrent_depth.data.tokenizer import Tokenizer
 from recurrent_depth.decoding.generate import generate
 from recurrent_depth.decoding.parallel import parallel_generate
 
 BUCKET = 64  # prompts are left-padded to a multiple of this, so that a conversation compiles a few times only
 SAMPLERS = ("generate", "parallel")
+MAX_NEW_TOKENS = 256  # the default reply length, at most half the model's context
 
 
 def check_chat_template(tokenizer: Tokenizer) -> None:
-    """Raises ValueError if the tokenizer cannot render a conversation (no BOS/EOS, or text it cannot encode)."""
+    """Raises ValueError if the tokenizer cannot render a conversation (no BOS/EOS, or role headers it cannot
+    encode); what the messages say is checked per message."""
     name = type(tokenizer).__name__
     if min(tokenizer.bos_id, tokenizer.eos_id) < 0:
         raise ValueError(f"the tokenizer ({name}) has no chat template: it has no BOS or EOS token")
     try:
-        render_chat(tokenizer, [{"role": "system", "content": "s"}, {"role": "user", "content": "Hi!"}],
+        render_chat(tokenizer, [{"role": "system", "content": ""}, {"role": "user", "content": ""}],
                     add_generation_prompt=True)
     except ValueError as err:
         raise ValueError(f"the tokenizer ({name}) has no chat template: it cannot encode a conversation ({err})"
                          ) from None
+
+
+def unreadable(tokenizer: Tokenizer, err: ValueError) -> str:
+    """One line for a message the tokenizer cannot encode: why, and what the model understands where it says."""
+    hint = chat_hint(tokenizer)
+    return f"{err}; {hint}" if hint else f"the message cannot be encoded: {err}"
 
 
 def pad_prompt(ids: list[int], room: int) -> np.ndarray:
@@ -69,17 +79,24 @@ class ChatSession:
     """A conversation with a model: `reply(text)` streams and returns the assistant's answer."""
 
     def __init__(self, model, params, tokenizer: Tokenizer, *, system: str | None = None, sampler: str = "generate",
-                 max_new_tokens: int = 256, out: TextIO = sys.stdout, **settings):
+                 max_new_tokens: int | None = None, out: TextIO = sys.stdout, **settings):
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; valid samplers: {SAMPLERS}")
         check_chat_template(tokenizer)
         self.context = model.config.max_seq_len
+        if max_new_tokens is None:  # small models (the demo's 64 positions) get room for a prompt too
+            max_new_tokens = min(MAX_NEW_TOKENS, self.context // 2)
         if max_new_tokens >= self.context:
             raise ValueError(f"max_new_tokens ({max_new_tokens}) leaves no room for a prompt in the model's context "
                              f"(max_seq_len={self.context})")
         self.model, self.params, self.tokenizer, self.out = model, params, tokenizer, out
         self.sampler, self.max_new_tokens, self.settings = sampler, max_new_tokens, settings
         self.system = [{"role": "system", "content": system}] if system else []
+        try:
+            render_chat(tokenizer, self.system)
+        except ValueError as err:
+            raise ValueError(f"the system prompt cannot be encoded: {unreadable(tokenizer, err)}") from None
+        self.single_turn = single_turn(tokenizer)
         self.stops = chat_stop_ids(tokenizer)
         self.reset()
 
@@ -114,9 +131,18 @@ class ChatSession:
                    max_new_tokens=self.max_new_tokens, stop_tokens=self.stops, stream=_stream, **self.settings)
 
     def reply(self, text: str, show_steps: bool = False) -> str | None:
-        """Adds the user's message, streams the answer to `out` and returns it (None if the message was too long)."""
+        """Adds the user's message, streams the answer to `out` and returns it (None, with a notice, if the message
+        was too long or has words the tokenizer cannot encode)."""
         global _printer
-        self.messages.append({"role": "user", "content": text})
+        if self.single_turn:
+            self.reset()  # one question per conversation, as the model's chat data had them
+        message = {"role": "user", "content": text}
+        try:
+            render_chat(self.tokenizer, [message])
+        except ValueError as err:
+            self.notice(unreadable(self.tokenizer, err))
+            return None
+        self.messages.append(message)
         try:
             ids = self.prompt()
         except ValueError as err:

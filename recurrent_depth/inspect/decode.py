@@ -33,43 +33,69 @@ class IterationDecoding:
     logits: jax.Array | None = None  # [iterations, batch, seq, vocab] float32 (return_logits=True)
 
 
-def _iterate_and_decode(module: RecurrentDepthLM, input_ids, input_states, *, num_steps: int, init_scale: float):
-    """(logits [r, b, s, vocab], raw states [r, b, s, e], initial state): every iteration's state through the
-    coda and head as one batch of r * b rows."""
-    cfg = module.config
-    if input_states is None:  # drawn as the forward pass draws it (only its shape and dtype are read from e)
-        e_like = jnp.zeros((*input_ids.shape, cfg.hidden_size), cfg.stream_dtype)
-        input_states = module.initial_state(e_like, init_scale)
-    out = module(input_ids, num_steps, input_states=input_states, return_hidden_states=True)
-    states = out.hidden_states.core[:, -1]  # the last core layer's output = the state after each iteration
-    steps, batch, seq_len, hidden = states.shape
+def _rope_and_mask(cfg, batch: int, seq_len: int):
+    """cos, sin and the causal mask of positions 0..seq_len-1, as the forward pass builds them."""
     positions = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len))
     cos, sin = rope_angles(positions, cfg.resolved_head_dim, cfg.rope_base)
-    tile = lambda x: jnp.tile(x, (steps,) + (1,) * (x.ndim - 1))  # noqa: E731  [b, ...] -> [r * b, ...]
-    logits, _ = module.decode(states.reshape(steps * batch, seq_len, hidden), tile(cos), tile(sin),
-                              attention_mask(cfg.attention_impl, seq_len))
-    return logits.reshape(steps, batch, seq_len, -1), states, input_states
+    return cos, sin, attention_mask(cfg.attention_impl, seq_len)
+
+
+def _iterate(module: RecurrentDepthLM, input_ids, input_states, *, num_steps: int, init_scale: float):
+    """(raw states [r, b, s, e], initial state [b, s, e]): the forward pass up to the recurrence, keeping only the
+    state after each iteration (not every core layer's output, nor the coda's)."""
+    cfg = module.config
+    cos, sin, mask = _rope_and_mask(cfg, *input_ids.shape)
+    e = module.embed(input_ids, cos, sin, mask)  # [b, s, e]
+    if input_states is None:  # drawn as the forward pass draws it (the first and only use of the 'state' rng)
+        input_states = module.initial_state(e, init_scale)
+    _, states = module.iterate(input_states.astype(e.dtype), e, cos, sin, mask, num_steps, return_trajectory=True)
+    return states, input_states
+
+
+def _summarise(model: RecurrentDepthLM, params, state, rope_and_mask, final_logp, top_k: int, return_logits: bool):
+    """One iteration's state [b, s, e] through the coda and head, reduced to what IterationDecoding keeps (the
+    logits too with return_logits).  final_logp [b, s, vocab] the last iteration's log-probabilities (None: this
+    is the last iteration)."""
+    logits, _ = model.apply({"params": params}, state, *rope_and_mask, method=RecurrentDepthLM.decode)  # [b, s, V]
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    p = jnp.exp(logp)
+    final = logp if final_logp is None else final_logp
+    probs, tokens = jax.lax.top_k(p, top_k)  # [b, s, top_k]
+    out = dict(tokens=tokens, probs=probs, entropy=-jnp.sum(p * logp, axis=-1),
+               kl_to_final=jnp.sum(jnp.exp(final) * (final - logp), axis=-1))  # [b, s] each
+    if return_logits:
+        out["logits"] = logits
+    return out, logp
 
 
 @functools.partial(jax.jit, static_argnames=("model", "num_steps", "init_scale", "top_k", "return_logits"))
 def _decode_jit(model, params, input_ids, input_states, key, *, num_steps, init_scale, top_k, return_logits):
-    fn = functools.partial(_iterate_and_decode, num_steps=num_steps, init_scale=init_scale)
-    logits, states, initial = model.apply({"params": params}, input_ids, input_states, method=fn,
-                                          rngs={"state": key})
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    p = jnp.exp(logp)
-    probs, tokens = jax.lax.top_k(p, top_k)
-    return IterationDecoding(tokens=tokens, probs=probs, entropy=-jnp.sum(p * logp, axis=-1),
-                             kl_to_final=jnp.sum(p[-1] * (logp[-1] - logp), axis=-1), states=states,
-                             initial_state=initial, logits=logits if return_logits else None)
+    """The recurrence once (keeping the states), then the last iteration's decoding, then a scan over iterations
+    1..r-1 that decodes one state at a time and keeps only its summaries: memory independent of r beyond the
+    outputs (no [r, b, s, vocab] array unless return_logits asks for it)."""
+    fn = functools.partial(_iterate, num_steps=num_steps, init_scale=init_scale)
+    states, initial = model.apply({"params": params}, input_ids, input_states, method=fn, rngs={"state": key})
+    rope_and_mask = _rope_and_mask(model.config, *input_ids.shape)
+    summarise = functools.partial(_summarise, model, params, rope_and_mask=rope_and_mask, top_k=top_k,
+                                  return_logits=return_logits)
+    last, final_logp = summarise(states[-1], final_logp=None)
+
+    def step(_, i):  # states[i] read in place (scanning over states[:-1] would copy them)
+        return None, summarise(states[i], final_logp=final_logp)[0]
+
+    _, earlier = jax.lax.scan(step, None, jnp.arange(num_steps - 1))  # [r - 1, ...] each
+    out = jax.tree.map(lambda a, b: jnp.concatenate([a, b[None]]), earlier, last)
+    return IterationDecoding(**out, states=states, initial_state=initial)
 
 
 def decode_iterations(model: RecurrentDepthLM, params, input_ids, num_steps: int, *, input_states=None,
                       init_scale: float | None = None, top_k: int = 5, return_logits: bool = False,
                       seed: int = 0) -> IterationDecoding:
-    """Decodes the state after each of iterations 1..num_steps, batched over the iterations in one compiled
-    function per shape and setting.
+    """Decodes the state after each of iterations 1..num_steps in one compiled function per shape and setting.
 
+    The iterations are decoded one at a time and each is reduced on device to its top-k, entropy and KL, so memory
+    grows with num_steps only by what is returned (the states; the logits only with return_logits): 32 iterations
+    of 1,024 tokens at a 65,536-token vocabulary hold one iteration's logits, not 32.
     input_ids [batch, seq]; input_states [batch, seq, embed] the initial state (else drawn from `seed` at
     init_scale, default config.init_scale; 0 gives a zero state).
     """
@@ -77,6 +103,8 @@ def decode_iterations(model: RecurrentDepthLM, params, input_ids, num_steps: int
     ids = np.asarray(input_ids)
     if ids.ndim != 2:
         raise ValueError(f"input_ids must be [batch, seq], got shape {ids.shape}")
+    if ids.shape[1] > cfg.max_seq_len:
+        raise ValueError(f"sequence length {ids.shape[1]} exceeds the model's context (max_seq_len={cfg.max_seq_len})")
     check_token_ids(ids, cfg.vocab_size)
     for name, value, high in (("num_steps", num_steps, None), ("top_k", top_k, cfg.vocab_size)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:

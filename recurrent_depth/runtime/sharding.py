@@ -89,8 +89,27 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def global_batch(local_batch: dict, sharding: NamedSharding) -> dict:
-    """Global arrays from each process's slice of the batch (multi-host); on one process a plain device_put."""
+def batch_rows(sharding: NamedSharding, batch_size: int) -> list[int]:
+    """The rows of a [batch, ...] array that this process's devices hold, in order: what it reads.  Processes
+    whose devices hold the same rows (replicas along non-batch mesh axes) read the same rows."""
+    held = sharding.addressable_devices_indices_map((batch_size, 1))
+    return sorted({r for index in held.values() for r in range(*index[0].indices(batch_size))})
+
+
+def global_batch(local_batch: dict, sharding: NamedSharding, rows: Sequence[int], batch_size: int) -> dict:
+    """Global [batch_size, ...] arrays from this process's `rows` (batch_rows, in order) of the batch; on one
+    process a plain device_put."""
     if jax.process_count() == 1:
         return jax.device_put(local_batch, sharding)
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+    position = {r: i for i, r in enumerate(rows)}
+
+    def array(x):
+        x = np.asarray(x)
+
+        def part(index):  # a device's slice of the global array, from the rows this process read
+            lo, hi, _ = index[0].indices(batch_size)
+            return x[position[lo]:position[lo] + hi - lo][(slice(None), *index[1:])]
+
+        return jax.make_array_from_callback((batch_size, *x.shape[1:]), sharding, part)
+
+    return jax.tree.map(array, local_batch)

@@ -3,7 +3,6 @@ held-out evaluation at several recurrence counts, metrics and progress."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -29,31 +28,6 @@ from recurrent_depth.training.step import Trainer, TrainState, check_init_from
 from recurrent_depth.training.validation import validate_run_config
 
 PREFETCH_BATCHES = 2  # batches the host prepares ahead of the device
-METRICS_FILE = "metrics.jsonl"  # in a train.py workdir
-
-
-class MetricsWriter:
-    """Writes each logged record to <workdir>/metrics.jsonl (one JSON object a line, appended across restarts) and
-    its numeric values to TensorBoard event files in <workdir>/tensorboard/ (process 0 only)."""
-
-    def __init__(self, workdir: str | os.PathLike, start_step: int = 0):
-        self.enabled = jax.process_index() == 0
-        if self.enabled:
-            workdir = as_path(workdir)
-            self.file = telemetry.open_append(workdir / METRICS_FILE)
-            self.tensorboard = telemetry.TensorBoardWriter(workdir / telemetry.TENSORBOARD_DIR,
-                                                           purge_step=start_step + 1 if start_step else None)
-
-    def write(self, record: dict) -> None:
-        if self.enabled:
-            self.file.write((json.dumps(record) + "\n").encode())
-            self.file.flush()
-            self.tensorboard.write(record["step"], record)
-
-    def close(self) -> None:
-        if self.enabled:
-            self.file.close()
-            self.tensorboard.close()
 
 
 def summarize(window: list[dict], trainer: Trainer, elapsed: float, peak_flops: float) -> dict:
@@ -146,8 +120,8 @@ class _Preemption:
 
 def _dataset(config, trainer: Trainer, seed: int, sources=None):
     return make_dataset(config.data, batch_size=config.train.batch_size, seq_len=config.train.seq_len,
-                        vocab_size=trainer.model_config.vocab_size, seed=seed, process_index=jax.process_index(),
-                        process_count=jax.process_count(), sources=sources)
+                        vocab_size=trainer.model_config.vocab_size, seed=seed, rows=trainer.batch_rows,
+                        sources=sources)
 
 
 def _held_out(config, trainer: Trainer) -> HeldOutEval | None:
@@ -167,7 +141,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Trai
     """Trains to config.train.steps, resuming from the newest checkpoint in `workdir`; returns the final state."""
     initialize_distributed(config.distributed)
     # Before any data, mesh or compilation: the config, and train.init_from unless the run resumes (then unused).
-    model_config = validate_run_config(config, jax.device_count(), jax.process_count())
+    model_config = validate_run_config(config, jax.device_count())
     workdir = as_path(workdir)
     profiler = telemetry.StepProfiler(config.train.profile_steps, workdir / telemetry.PROFILE_DIR)  # checks it
     ckpt = config.checkpoint
@@ -187,7 +161,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Trai
         (workdir / RUN_CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
     peak = config.train.peak_flops or flops.peak_flops(dtype=trainer.model_config.compute_dtype)
     steps, start = config.train.steps, int(state.step)
-    writer, preemption = MetricsWriter(workdir, start), _Preemption(start)
+    writer, preemption = telemetry.MetricsWriter(workdir, start), _Preemption(start)
     # The host reads batch t+1 while the device runs step t; the wrapper's state is that of the last batch taken.
     iterator = grain.experimental.ThreadPrefetchDatasetIterator(iterator, PREFETCH_BATCHES)
     window, tick = [], time.perf_counter()
@@ -200,7 +174,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Trai
             window.append(metrics)  # device scalars, fetched at the next log step
             log_step = step % config.train.log_every == 0 or step == steps
             stop = preemption.reached(step, log_step)
-            checkpointer.save(step, state, iterator, force=stop or step == steps)
+            saved = checkpointer.save(step, state, iterator, force=stop or step == steps)
             if log_step or stop:
                 window = jax.device_get(window)
                 halted = [int(m["halted_at"]) for m in window if int(m["halted_at"]) >= 0]
@@ -215,6 +189,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Trai
                 window, tick = [], time.perf_counter()
             if held_out is not None and (step % config.eval.every == 0 or step == steps):
                 writer.write({"step": step, **held_out(state.params)})
+            if saved:
+                writer.sync()  # the records up to a checkpoint outlive a crash after it
             profiler.after_step(step, state)
             progress.update(1)
             if stop:

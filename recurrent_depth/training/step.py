@@ -79,13 +79,14 @@ class Trainer:
     def __post_init__(self):
         cfg = self.config
         # Every section checked (ConfigError naming the field) before anything is built or compiled.
-        self.model_config = validate_run_config(cfg, process_count=jax.process_count(), mesh_shape=self.mesh.shape)
+        self.model_config = validate_run_config(cfg, mesh_shape=self.mesh.shape)
         self.model = RecurrentDepthLM(self.model_config)
         self.rules = sharding.rules_from_config(cfg.mesh.rules)
         train = cfg.train
         self.tx, self.schedule = build_optimizer(train.optimizer, train.steps)
         self.depth_sampler = build_depth_sampler(train.depth, self.model_config, cfg.seed)
         self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
+        self.batch_rows = sharding.batch_rows(self.batch_sharding, train.batch_size)  # the rows this process reads
         self.state_shardings = self._state_shardings()
         self.compilations = 0
         self._step = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
@@ -212,11 +213,11 @@ class Trainer:
             return self._step.lower(state, batch)
 
     def global_batch(self, local_batch: dict) -> dict:
-        """This process's rows as global arrays sharded over the batch axes."""
+        """This process's rows (`batch_rows`) as global arrays sharded over the batch axes."""
         unknown = set(local_batch) - set(BATCH_KEYS)
         if unknown:
             raise ValueError(f"unknown batch keys {sorted(unknown)}; expected {BATCH_KEYS}")
-        return sharding.global_batch(local_batch, self.batch_sharding)
+        return sharding.global_batch(local_batch, self.batch_sharding, self.batch_rows, self.config.train.batch_size)
 
     def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         """One optimizer step on this process's rows {inputs, labels[, segment_ids, positions]} [batch, seq]."""

@@ -13,9 +13,9 @@ from collections.abc import Mapping, Sequence
 import ml_collections
 
 from recurrent_depth.data.chat_rows import LOSS_TOKENS
+from recurrent_depth.data.config import SOURCE_FIELDS, SOURCE_KINDS
 from recurrent_depth.data.pipeline import DATA_KINDS
 from recurrent_depth.data.shell_game import ShellGameTokenizer
-from recurrent_depth.data.sources import SOURCE_KINDS
 from recurrent_depth.data.tokenizer import TOKENIZER_KINDS
 from recurrent_depth.decoding.exit_criteria import DEFAULT_THRESHOLDS
 from recurrent_depth.errors import ConfigError
@@ -84,19 +84,19 @@ def _optional(config, name: str, check):
     return None if _get(config, name) is None else check(config, name)
 
 
-def validate_run_config(config: ml_collections.ConfigDict, num_devices: int | None = None, process_count: int = 1,
+def validate_run_config(config: ml_collections.ConfigDict, num_devices: int | None = None,
                         mesh_shape: Mapping[str, int] | None = None) -> ModelConfig:
     """Checks every section of a train.py run config; returns the model config.
 
     num_devices: the devices the run's `mesh.shape` must fill (None: not checked); mesh_shape: the (data, fsdp,
     tensor) sizes actually used, if already known (else `mesh.shape` resolved against num_devices), for the
-    batch's divisibility; process_count: the processes that each read their share of the batch.
+    batch's divisibility.  (Each process reads the rows its devices hold, so the process count sets no rule.)
     """
     model = _model(config)
     mesh = _mesh(config, num_devices)
     if mesh_shape is not None:
         mesh = tuple(mesh_shape[a] for a in sharding.MESH_AXES)
-    _train(config, model, mesh, process_count)
+    _train(config, model, mesh)
     _data(config, model)
     _checkpoint(config)
     _eval(config)
@@ -130,7 +130,7 @@ def _mesh(config, num_devices: int | None) -> tuple[int, ...] | None:
         raise ConfigError(f"mesh.shape: {err}") from None
 
 
-def _train(config, model: ModelConfig, mesh: tuple[int, ...] | None, process_count: int) -> None:
+def _train(config, model: ModelConfig, mesh: tuple[int, ...] | None) -> None:
     steps = _int(config, "train.steps")
     batch = _int(config, "train.batch_size")
     seq_len = _int(config, "train.seq_len")
@@ -143,14 +143,8 @@ def _train(config, model: ModelConfig, mesh: tuple[int, ...] | None, process_cou
         raise ConfigError(f"train.init_from must be a checkpoint path or '', got {config.train.init_from!r}")
     if seq_len > model.max_seq_len:
         raise ConfigError(f"train.seq_len ({seq_len}) exceeds model.max_seq_len ({model.max_seq_len})")
-    if batch % process_count:
-        raise ConfigError(f"train.batch_size ({batch}) must be divisible by the {process_count} processes, "
-                          "each of which reads its share")
-    local = batch // process_count
-    if local % micro:
-        what = (f"train.batch_size ({batch})" if process_count == 1 else
-                f"each process's batch (train.batch_size / {process_count} processes = {local})")
-        raise ConfigError(f"train.microbatches ({micro}) must divide {what}")
+    if batch % micro:
+        raise ConfigError(f"train.microbatches ({micro}) must divide train.batch_size ({batch})")
     if mesh is not None:
         shards = mesh[sharding.MESH_AXES.index("data")] * mesh[sharding.MESH_AXES.index("fsdp")]
         if (batch // micro) % shards:
@@ -200,6 +194,13 @@ def _sources(config, name: str, only: str | None = None) -> None:
         if kind not in ((only,) if only else SOURCE_KINDS):
             valid = f"{only!r} (or left out) for data.kind={only!r}" if only else f"one of {SOURCE_KINDS}"
             raise ConfigError(f"{where}.kind must be {valid}, got {kind!r}")
+        unknown = set(source) - {"kind", "paths", "weight", *SOURCE_FIELDS[kind]}
+        if unknown:
+            raise ConfigError(f"{where}: unknown field(s) {sorted(unknown)} for a {kind} source (its fields: kind, "
+                              f"paths, weight{''.join(', ' + f for f in SOURCE_FIELDS[kind])})")
+        for field, minimum in (("row_length", 1), ("bos_id", -1)):
+            if field in source and not (_is_int(source[field]) and source[field] >= minimum):
+                raise ConfigError(f"{where}.{field} must be an integer >= {minimum}, got {source[field]!r}")
         paths = source.get("paths")
         if not paths or not (isinstance(paths, str) or all(isinstance(p, str) and p for p in paths)):
             raise ConfigError(f"{where}.paths must be a glob pattern or a list of them, got {paths!r}")
@@ -229,7 +230,8 @@ def _data(config, model: ModelConfig) -> None:
         _bool(config, "data.chat.skip_malformed")
         if not isinstance(_get(config, "data.chat.system_prompt"), str):
             raise ConfigError(f"data.chat.system_prompt must be a string, got {config.data.chat.system_prompt!r}")
-    needs_tokenizer = any(s.get("kind", only) != "array_record" for s in config.data.sources)
+    _int(config, "data.read_threads")
+    needs_tokenizer = any(s.get("kind", only) not in ("array_record", "parquet") for s in config.data.sources)
     if needs_tokenizer and tokenizer != "shell_game" and not _get(config, "data.tokenizer.path"):
         raise ConfigError("data.tokenizer.path is empty, but text/jsonl sources need a tokenizer")
     if _get(config, "eval.every") and not config.data.eval_sources:

@@ -142,14 +142,16 @@ def test_unknown_config_field_fails_before_any_checkpoint(tmp_path):
 
 
 def test_out_of_range_token_in_pretokenized_data_fails_without_checkpoint(tmp_path):
-    from array_record.python.array_record_module import ArrayRecordWriter
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    writer = ArrayRecordWriter(str(tmp_path / "data.arrayrecord"), "group_size:1")
-    writer.write(np.asarray([3, 7, 4000], np.int32).tobytes())
-    writer.close()
+    rows = np.full((16, 33), 3, np.int64)
+    rows[5, 7] = 4000
+    pq.write_table(pa.table({"input_ids": pa.array(list(rows), pa.list_(pa.int64()))}), tmp_path / "data.parquet")
     config = small_config()
     config.data.kind = "mixture"
-    config.data.sources = [{"kind": "array_record", "paths": str(tmp_path / "data.arrayrecord")}]
+    config.data.sources = [{"kind": "parquet", "paths": str(tmp_path / "data.parquet"), "row_length": 33,
+                            "bos_id": 1}]
     config.mesh.shape = (1, -1, 1)
     with pytest.raises(ValueError, match="token id 4000 outside the model's vocabulary"):
         train(config, tmp_path / "workdir")

@@ -1,17 +1,23 @@
 """The chat CLI (recurrent_depth.cli.chat over recurrent_depth.decoding.chat_session), driven as a user would: its
-main() with piped input, on a tiny random model with a tiny SentencePiece tokenizer; and the streaming hook of both
-samplers."""
+main() with piped input, on a tiny random model with a tiny SentencePiece tokenizer and on the SFT demo's fine-tuned
+shell-game model; the streaming hook of both samplers; the dtype a checkpoint loads in."""
 
 import io
+import json
+import shutil
 import sys
+from pathlib import Path
 
 import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
+from recurrent_depth.checkpoint.loading import load_model
 from recurrent_depth.checkpoint.params import save_params
 from recurrent_depth.cli import chat as chat_cli
+from recurrent_depth.cli import shell_game as shell_game_cli
+from recurrent_depth.data.chat_rows import encode_conversation
 from recurrent_depth.data.chat_template import chat_stop_ids, render_chat
 from recurrent_depth.data.shell_game import ShellGameTokenizer
 from recurrent_depth.data.tokenizer import load_tokenizer
@@ -20,10 +26,14 @@ from recurrent_depth.decoding.generate import generate
 from recurrent_depth.decoding.parallel import parallel_generate
 from recurrent_depth.model.config import ModelConfig
 from recurrent_depth.model.lm import RecurrentDepthLM, init_params
+from recurrent_depth.runtime.config_file import load_config_file
+from recurrent_depth.training.loop import train
 
 from helpers import load_config, write_mixture_corpus
 
 NEW = 12
+FIXTURES = Path(__file__).parents[1] / "fixtures"
+TINY_CHECKPOINT = FIXTURES / "huginn-tiny" / "checkpoint"
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +137,22 @@ def test_long_conversation_drops_oldest_turns_but_keeps_the_system_prompt(setup)
     assert session.messages[-1]["role"] == "assistant"  # the over-long message is not kept
 
 
+def test_a_checkpoint_loads_in_its_config_dtype(setup, tmp_path, monkeypatch):
+    """A Hugging Face checkpoint whose config.json says bfloat16 (as huginn-0125's) chats in bfloat16 unless --dtype
+    says otherwise."""
+    checkpoint = shutil.copytree(TINY_CHECKPOINT, tmp_path / "bf16")
+    hf = json.loads((checkpoint / "config.json").read_text())
+    hf.pop("dtype", None)
+    (checkpoint / "config.json").write_text(json.dumps({**hf, "torch_dtype": "bfloat16"}))
+    loaded = []
+    session = chat_cli.ChatSession
+    monkeypatch.setattr(chat_cli, "ChatSession", lambda model, params, *args, **kw: loaded.append(
+        (model.config.dtype, {str(x.dtype) for x in jax.tree.leaves(params)})) or session(model, params, *args, **kw))
+    assert run_chat((checkpoint, setup[1]), [])[0] == 0
+    assert run_chat((checkpoint, setup[1]), [], "--dtype=float32")[0] == 0
+    assert loaded == [("bfloat16", {"bfloat16"}), ("float32", {"float32"})]
+
+
 def test_bad_input_gives_a_message(setup, tmp_path):
     """Bad input: status 1 and one line `python -m recurrent_depth.cli.chat: error: ...`, no traceback."""
     code, _, stderr = run_chat(setup, [])
@@ -141,8 +167,10 @@ def test_bad_input_gives_a_message(setup, tmp_path):
     code, stdout, stderr = run_chat(setup, ["/help", "hi"], "--num_steps=0")
     assert code == 1 and "num_steps must be a positive integer" in stderr and "[unknown command /help" in stdout
     assert stderr.count("\n") == 1 and "Traceback" not in stderr
-    with pytest.raises(ValueError, match=r"the tokenizer \(ShellGameTokenizer\) has no chat template"):
-        chat.check_chat_template(ShellGameTokenizer())
+    no_headers = type("NoHeaders", (ShellGameTokenizer,), {"encode": lambda self, text: [] if text == "" else
+                                                           ShellGameTokenizer.encode(self, text.replace(":", ""))})()
+    with pytest.raises(ValueError, match=r"the tokenizer \(NoHeaders\) has no chat template: .*'System' is neither"):
+        chat.check_chat_template(no_headers)
 
 
 def test_usage_errors_have_status_2(setup):
@@ -150,3 +178,58 @@ def test_usage_errors_have_status_2(setup):
     assert code == 2 and "chat: error: flag --sampler=beam" in stderr and stdout == ""  # before any session
     code, _, stderr = run_chat(setup, [], "extra")
     assert code == 2 and "takes no positional arguments" in stderr
+
+
+@pytest.fixture(scope="module")
+def sft_workdir(tmp_path_factory):
+    """The README's SFT demo (configs/sft_demo.py from the demo checkpoint on the shell game's chat data), cut to two
+    steps: a workdir as `python train.py --config=configs/sft_demo.py --workdir=workdir-sft` writes it."""
+    root = tmp_path_factory.mktemp("sft")
+    assert shell_game_cli.main(["chat-data", f"--output={root / 'chat.jsonl'}", "--size=40"]) == 0
+    config = load_config_file(FIXTURES.parent.parent / "configs" / "sft_demo.py",
+                              f"{FIXTURES / 'shell-game-demo'},{root / 'chat.jsonl'}")
+    config.train.update(steps=2, batch_size=8, log_every=1)
+    config.train.optimizer.update(warmup_steps=1, decay_steps=1)
+    config.mesh.shape = (1, -1, 1)  # the demo runs on one CPU device; the tests have eight
+    config.model.update(mean_recurrence=2, mean_backprop_depth=1)  # a faster compilation; the chat's default depth
+    train(config, root / "workdir-sft")
+    return root / "workdir-sft", config
+
+
+def test_the_sft_demo_model_chats_in_its_fine_tuning_format(sft_workdir):
+    """The newcomer's first chat: `--checkpoint=workdir-sft` answers swaps in the SFT data's template, one question
+    per conversation; words outside the shell game get a one-line notice, and the chat goes on."""
+    workdir, config = sft_workdir
+    out, err = io.StringIO(), io.StringIO()
+    stderr, sys.stderr = sys.stderr, err
+    try:
+        code = chat_cli.main([f"--checkpoint={workdir}", "--system="], out=out,
+                             stdin=io.StringIO("ab cd bd\nhello there\nab cd bd\n/quit\n"))
+    finally:
+        sys.stderr = stderr
+    assert code == 0, err.getvalue()
+    tok, model_params = ShellGameTokenizer(), load_model(workdir)
+    # The prompt is the SFT data's conversation up to the assistant's answer, as chat_rows encoded it for training.
+    conversation, mask = encode_conversation(tok, {"messages": [{"role": "user", "content": "ab cd bd"},
+                                                                {"role": "assistant", "content": "d"}]},
+                                             config.data.chat, 65)
+    prompt, _ = render_chat(tok, [{"role": "user", "content": "ab cd bd"}], add_generation_prompt=True)
+    assert prompt == list(conversation[:int(np.argmax(mask))])
+    room = 64 - 32  # the default reply length: half the demo's 64 positions
+    reply = generate(*model_params, chat.pad_prompt(prompt, room), lengths=[len(prompt)], max_new_tokens=32,
+                     stop_tokens=chat_stop_ids(tok), stream=chat._stream)
+    answer = tok.decode([t for t in np.asarray(reply.tokens[0, :int(reply.num_tokens[0])]) if t != tok.eos_id])
+    hint = ShellGameTokenizer.chat_hint
+    assert out.getvalue() == (f"[{workdir}: generate sampler; /reset starts over, /quit ends]\n"
+                              f"[{hint}; each message is a new conversation]\n"
+                              f"> {answer}\n"  # the same answer twice: the second question is a new conversation
+                              f"> ['hello' is neither a swap of two cups 'abcde' (like 'ab'), a cup nor one of "
+                              f"('System:', 'User:', 'Assistant:'); {hint}]\n"
+                              f"> {answer}\n> ")
+    stderr, sys.stderr = sys.stderr, (err := io.StringIO())
+    try:
+        code = chat_cli.main([f"--checkpoint={workdir}", "--system=You are helpful."], stdin=io.StringIO(), out=out)
+    finally:
+        sys.stderr = stderr
+    assert code == 1 and err.getvalue().count("\n") == 1  # a one-line message
+    assert "chat: error: the system prompt cannot be encoded: 'You' is neither a swap" in err.getvalue()

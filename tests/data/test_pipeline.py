@@ -1,11 +1,11 @@
-"""Data pipeline, tokenizers and the preprocessing CLI."""
+"""Data pipeline and tokenizers (the preprocessing CLI: test_prepare.py)."""
 
 import json
 
 import numpy as np
 import pytest
+from etils import epath
 
-from recurrent_depth.cli.data import main as data_main
 from recurrent_depth.data.config import data_config
 from recurrent_depth.data.pipeline import make_dataset
 from recurrent_depth.data.sources import read_documents, read_shard
@@ -14,23 +14,12 @@ from recurrent_depth.data.tokenizer import (
     EOS,
     HuggingFaceTokenizer,
     apply_chat_template,
-    train_sentencepiece,
 )
 
 from helpers import train_huginn_style_tokenizer
 
 SAMPLE = ("Größe und Maß — naïve café. 日本語のテキスト。 Ελληνικά. emoji 🙂🚀 math ∑ x² ≤ 𝔘.\n"
           "  two  spaces,\ttab, trailing space \n\nnew paragraph 12345")
-
-
-@pytest.fixture(scope="module")
-def sp_tokenizer(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tok")
-    corpus = path / "corpus.txt"
-    rng = np.random.default_rng(0)
-    words = ["the", "core", "block", "iterates", "über", "日本語", "🙂", "x²", "  ", "\t", "12", "ok."]
-    corpus.write_text("\n".join(" ".join(rng.choice(words, 10)) for _ in range(2000)), encoding="utf-8")
-    return train_sentencepiece([corpus], path / "sp", vocab_size=512)
 
 
 def test_sentencepiece_round_trip_and_special_ids(sp_tokenizer):
@@ -69,9 +58,8 @@ def _documents(tmp_path, n=40):
     return docs
 
 
-def _rows(config, seq_len, rows_per_batch, count, process_index=0, process_count=1):
-    it = iter(make_dataset(config, batch_size=rows_per_batch, seq_len=seq_len, vocab_size=512, seed=3,
-                           process_index=process_index, process_count=process_count))
+def _rows(config, seq_len, batch_size, count, rows=None):
+    it = iter(make_dataset(config, batch_size=batch_size, seq_len=seq_len, vocab_size=512, seed=3, rows=rows))
     return _stack([next(it) for _ in range(count)])
 
 
@@ -87,22 +75,21 @@ def _tokenized(tokenizer, docs):
 def test_packing_loses_and_duplicates_no_token(tmp_path, sp_tokenizer):
     docs = _documents(tmp_path)
     source = [{"kind": "jsonl", "paths": str(tmp_path / "docs.jsonl"), "text_field": "body"}]
-    seq_len, lanes = 16, 4
-    shards = [read_shard("jsonl", [tmp_path / "docs.jsonl"], j, lanes, "body") for j in range(lanes)]
-    assert sorted(d for s in shards for d in s) == sorted(docs)  # the lanes' shards partition the corpus
-    count = max(sum(map(len, _tokenized(sp_tokenizer, s))) for s in shards) // (seq_len + 1) + 2
+    seq_len, batch = 16, 4
+    expected = _tokenized(sp_tokenizer, docs)
+    total = sum(map(len, expected))
+    count = total // (seq_len + 1) // batch + 2
     # Without document masking every label is the next token, so each row's seq_len + 1 tokens are recoverable.
-    plain = _rows(_mixture_config(source, sp_tokenizer.model_file, document_masking=False), seq_len, lanes, count)
+    plain = _rows(_mixture_config(source, sp_tokenizer.model_file, document_masking=False), seq_len, batch, count)
     assert np.all(plain["labels"] != -100)
-    for j, shard in enumerate(shards):  # row j of every batch is lane j: a packed stream of shard j's documents
-        expected = _tokenized(sp_tokenizer, shard)
-        total = sum(map(len, expected))
-        stream = np.concatenate([np.append(x, y[-1]) for x, y in zip(plain["inputs"][:, j], plain["labels"][:, j])])
-        epoch = stream[:total]  # the first epoch: each of the shard's documents once, none cut short
-        starts = np.flatnonzero(epoch == sp_tokenizer.bos_id)
-        assert sorted(tuple(epoch[a:b]) for a, b in zip(starts, [*starts[1:], total])) == expected
+    # Global row g = step * batch + j is row g of the source: its documents packed into one stream.
+    stream = np.concatenate([np.append(x, y[-1]) for x, y in zip(plain["inputs"].reshape(-1, seq_len),
+                                                                 plain["labels"].reshape(-1, seq_len))])
+    epoch = stream[:total]  # the first epoch: each document once, none cut short
+    starts = np.flatnonzero(epoch == sp_tokenizer.bos_id)
+    assert sorted(tuple(epoch[a:b]) for a, b in zip(starts, [*starts[1:], total])) == expected
 
-    masked = _rows(_mixture_config(source, sp_tokenizer.model_file), seq_len, lanes, count)
+    masked = _rows(_mixture_config(source, sp_tokenizer.model_file), seq_len, batch, count)
     np.testing.assert_array_equal(masked["inputs"], plain["inputs"])  # same packing, only masks differ
     for inputs, labels, segs, pos in zip(*(masked[k].reshape(-1, seq_len)
                                            for k in ("inputs", "labels", "segment_ids", "positions"))):
@@ -121,20 +108,22 @@ def test_global_batch_is_the_same_for_any_process_count_and_resumes_across_count
     config = _mixture_config([{"kind": "jsonl", "paths": str(tmp_path / "docs.jsonl"), "text_field": "body",
                                "weight": 3.0}, {"kind": "text", "paths": str(tmp_path / "b.txt"), "weight": 1.0}],
                              sp_tokenizer.model_file)
-    steps, lanes = 25, 8
+    steps, lanes = 25, 8  # lanes: rows of a batch
     whole = _rows(config, 8, lanes, steps)
-    for count in (2, 4):
-        parts = [_rows(config, 8, lanes, steps, p, count) for p in range(count)]
+    for count in (2, 4):  # processes, each reading its rows of the batch
+        share = lanes // count
+        parts = [_rows(config, 8, lanes, steps, range(p * share, (p + 1) * share)) for p in range(count)]
         for key, value in whole.items():
             np.testing.assert_array_equal(np.concatenate([part[key] for part in parts], axis=1), value)
+    replica = _rows(config, 8, lanes, steps, [1, 6])  # any rows, e.g. a replica's, are those of the whole batch
+    np.testing.assert_array_equal(replica["inputs"], whole["inputs"][:, [1, 6]])
     # Rows mix the sources by weight: a row of the text source holds a token no JSONL document has.
     core = set(sp_tokenizer.encode("core ")) - {t for d in docs for t in sp_tokenizer.encode(d)}
     from_text = np.mean([bool(set(row) & core) for row in whole["inputs"].reshape(-1, 8)])
     assert abs(from_text - 0.25) < 0.05, from_text
 
     # The iterator state of 2 processes after 5 steps puts 1 process at step 5.
-    it = iter(make_dataset(config, batch_size=lanes, seq_len=8, vocab_size=512, seed=3, process_index=1,
-                           process_count=2))
+    it = iter(make_dataset(config, batch_size=lanes, seq_len=8, vocab_size=512, seed=3, rows=range(4, 8)))
     for _ in range(5):
         next(it)
     single = iter(make_dataset(config, batch_size=lanes, seq_len=8, vocab_size=512, seed=3))
@@ -171,61 +160,6 @@ def test_without_document_masking_attention_spans_the_row_like_the_original(tmp_
     assert np.all(batch["labels"] != -100)  # no padding in a packed row
 
 
-def test_text_files_mixture_weights_and_process_sharding(tmp_path, sp_tokenizer):
-    (tmp_path / "a.txt").write_text("alpha alpha\n\nalpha beta\n\nalpha gamma\n\nalpha delta")
-    (tmp_path / "b.txt").write_text("über über\n\nüber beta")
-    config = _mixture_config([{"kind": "text", "paths": str(tmp_path / "a.txt"), "weight": 3.0},
-                              {"kind": "text", "paths": str(tmp_path / "b.txt"), "weight": 1.0}],
-                             sp_tokenizer.model_file)
-    batches = [make_dataset(config, batch_size=4, seq_len=16, vocab_size=512, seed=0, process_index=p,
-                            process_count=2) for p in (0, 1)]
-    first = [next(iter(b)) for b in batches]
-    assert all(b["inputs"].shape == (2, 16) for b in first)  # each process reads its half of the batch
-    assert not np.array_equal(first[0]["inputs"], first[1]["inputs"])
-
-
-def test_prepare_cli_writes_array_records_the_pipeline_reads(tmp_path, sp_tokenizer, capsys):
-    docs = _documents(tmp_path, n=10)
-    assert data_main(["prepare", "--input", str(tmp_path / "docs.jsonl"), "--tokenizer", sp_tokenizer.model_file,
-                      "--output", str(tmp_path / "shards"), "--shards", "2", "--text_field", "body"]) == 0
-    shards = sorted((tmp_path / "shards").glob("*.arrayrecord"))
-    assert len(shards) == 2
-    import grain
-
-    records = grain.sources.ArrayRecordDataSource([str(p) for p in shards])
-    stored = sorted(tuple(np.frombuffer(records[i], np.int32)) for i in range(len(records)))
-    assert stored == sorted(tuple([sp_tokenizer.bos_id, *sp_tokenizer.encode(d), sp_tokenizer.eos_id]) for d in docs)
-    config = _mixture_config([{"kind": "array_record", "paths": str(tmp_path / "shards" / "*.arrayrecord")}], "")
-    batch = next(iter(make_dataset(config, batch_size=1, seq_len=32, vocab_size=512, seed=0)))
-    assert batch["inputs"][0, 0] == sp_tokenizer.bos_id and batch["inputs"].shape == (1, 32)
-
-
-def test_prepare_cli_takes_a_comma_separated_list_of_files_and_globs(tmp_path, sp_tokenizer, capsys):
-    docs = _documents(tmp_path, n=6)
-    (tmp_path / "more").mkdir()
-    for i in range(2):
-        (tmp_path / "more" / f"part{i}.jsonl").write_text(json.dumps({"body": f"doc {i}"}) + "\n")
-    out = tmp_path / "shards"
-    inputs = f"{tmp_path / 'docs.jsonl'},{tmp_path / 'more' / 'part*.jsonl'}"
-    assert data_main(["prepare", f"--input={inputs}", f"--tokenizer={sp_tokenizer.model_file}",
-                      f"--output={tmp_path / 'x'}"]) == 1  # the default --text_field=text: not in these files
-    assert data_main(["prepare", f"--input={inputs}", f"--tokenizer={sp_tokenizer.model_file}", f"--output={out}",
-                      "--shards=2", "--text_field=body"]) == 0  # the file and both files the pattern matches
-    import grain
-
-    records = grain.sources.ArrayRecordDataSource([str(p) for p in sorted(out.glob("*.arrayrecord"))])
-    assert len(records) == len(docs) + 2
-    assert data_main(["prepare", f"--input={tmp_path / 'docs.jsonl'},{tmp_path / 'none*.jsonl'}",
-                      f"--tokenizer={sp_tokenizer.model_file}", f"--output={tmp_path / 'o'}"]) == 1
-    assert data_main(["prepare", f"--tokenizer={sp_tokenizer.model_file}", f"--output={tmp_path / 'o'}"]) == 2
-    assert data_main(["--input=x", f"--tokenizer={sp_tokenizer.model_file}", f"--output={tmp_path / 'o'}"]) == 2
-    err = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]  # not the progress bars
-    assert len(err) == 4 and all(line.startswith("python -m recurrent_depth.cli.data: error: ") for line in err)
-    assert "docs.jsonl:1: no field 'text'" in err[0] and "no data file matches" in err[1]
-    assert "--input must have a value" in err[2] and "missing command (commands: prepare)" in err[3]
-    assert not (tmp_path / "o").exists()
-
-
 def test_bad_data_inputs(tmp_path, sp_tokenizer):
     make = lambda cfg: next(iter(make_dataset(cfg, batch_size=2, seq_len=8, vocab_size=512, seed=0)))  # noqa
     with pytest.raises(FileNotFoundError, match="no data file matches"):
@@ -237,7 +171,7 @@ def test_bad_data_inputs(tmp_path, sp_tokenizer):
     with pytest.raises(ValueError, match=r"bad.jsonl:2: malformed JSON"):
         make(_mixture_config([{"kind": "jsonl", "paths": str(tmp_path / "bad.jsonl")}], sp_tokenizer.model_file))
     (tmp_path / "nofield.jsonl").write_text('{"text": "ok"}\n' * 30 + '{"body": "no text"}\n')
-    with pytest.raises(ValueError, match=r"nofield.jsonl:31: no field 'text'"):  # found by the lane reading it
+    with pytest.raises(ValueError, match=r"nofield.jsonl:31: no field 'text'"):
         make(_mixture_config([{"kind": "jsonl", "paths": str(tmp_path / "nofield.jsonl")}], sp_tokenizer.model_file))
     (tmp_path / "latin1.txt").write_bytes("fine\n\ncaf\xe9\n".encode("latin-1"))
     with pytest.raises(ValueError, match=r"latin1.txt:3: not UTF-8 text"):
@@ -251,10 +185,15 @@ def test_bad_data_inputs(tmp_path, sp_tokenizer):
                               {"kind": "text", "paths": str(tmp_path / "ok.txt")}], sp_tokenizer.model_file))
     with pytest.raises(ValueError, match="unknown data source kind"):
         make(_mixture_config([{"kind": "csv", "paths": str(tmp_path / "bad.jsonl")}], sp_tokenizer.model_file))
-    from array_record.python.array_record_module import ArrayRecordWriter
 
-    writer = ArrayRecordWriter(str(tmp_path / "oov.arrayrecord"), "group_size:1")
-    writer.write(np.asarray([1, 2, 900], np.int32).tobytes())
-    writer.close()
-    with pytest.raises(ValueError, match="token id 900 outside the model's vocabulary"):
-        make(_mixture_config([{"kind": "array_record", "paths": str(tmp_path / "oov.arrayrecord")}], ""))
+
+def test_start_up_reads_a_text_source_once_whatever_the_batch(tmp_path, sp_tokenizer, monkeypatch):
+    for i in range(50):
+        (tmp_path / f"part-{i:02d}.txt").write_text(f"alpha {i}\n\nbeta {i}")
+    path_type = type(epath.Path(tmp_path))
+    stats = []
+    stat = path_type.stat
+    monkeypatch.setattr(path_type, "stat", lambda self: stats.append(self) or stat(self))
+    config = _mixture_config([{"kind": "text", "paths": str(tmp_path / "*.txt")}], sp_tokenizer.model_file)
+    batch = next(iter(make_dataset(config, batch_size=64, seq_len=8, vocab_size=512, seed=0)))
+    assert batch["inputs"].shape == (64, 8) and len(stats) == 50  # each file once, not once per row of the batch

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 
@@ -59,6 +60,24 @@ def test_eval_py_end_to_end(hf_checkpoint, files, tmp_path, direct):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len((out / "samples" / "gen_gen" / "r_2.jsonl").read_text().splitlines()) == 2
     assert "exact_match_flexible" in proc.stdout and "kl=0.01, max 2" in proc.stdout
+
+
+def test_eval_py_loads_a_checkpoint_in_its_config_dtype(hf_checkpoint, tmp_path):
+    """A Hugging Face checkpoint whose config.json says bfloat16 (as huginn-0125's) is evaluated in bfloat16 unless
+    --dtype says otherwise."""
+    checkpoint = shutil.copytree(hf_checkpoint, tmp_path / "bf16")
+    hf = json.loads((checkpoint / "config.json").read_text())
+    hf.pop("dtype", None)
+    (checkpoint / "config.json").write_text(json.dumps({**hf, "torch_dtype": "bfloat16"}))
+    spec = importlib.util.spec_from_file_location("eval_py", ROOT / "eval.py")
+    eval_py = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eval_py)
+    (tmp_path / "doc.txt").write_text("hello world.")
+    for flags, dtype in (([], "bfloat16"), (["--dtype=float32"], "float32")):
+        assert eval_py.main([f"--checkpoint={checkpoint}", f"--tasks=ppl:{tmp_path / 'doc.txt'}", "--num_steps=1",
+                             "--exit_criterion=none", f"--output={tmp_path / dtype}", *flags]) == 0
+        model_config = json.loads((tmp_path / dtype / "results.json").read_text())["model_config"]
+        assert model_config["dtype"] == model_config["param_dtype"] == dtype
 
 
 # ---- bad input ----------------------------------------------------------------------------------------------

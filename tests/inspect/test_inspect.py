@@ -145,6 +145,54 @@ def test_decode_iterations_draws_the_initial_state_as_the_forward_pass(tiny):
     assert float(jnp.abs(out.initial_state).max()) > 0
 
 
+def test_decode_iterations_matches_a_forward_pass_per_iteration(tiny):
+    """From a drawn initial state, iteration i is the forward pass at num_steps=i (the reference: one plain forward
+    per iteration, its statistics in float64 numpy), the states are the forward pass's, and the logits flag changes
+    nothing else."""
+    model, params = tiny
+    ids = np.asarray([[1, 8, 500, 12, 9, 14, 300, 7, 2, 99], [5, 6, 7, 8, 9, 10, 11, 12, 13, 14]])
+    out = decode_iterations(model, params, ids, 4, init_scale=1.0, seed=3, top_k=3, return_logits=True)
+    forward = jax.jit(lambda r: model.apply({"params": params}, ids, r, input_states=out.initial_state).logits)
+    logits = np.stack([forward(r) for r in range(1, 5)])  # [r, b, s, vocab]
+    assert_close(out.logits, logits, rtol=1e-6, name="logits")
+    logp = _log_softmax(logits)  # float64
+    p = np.exp(logp)
+    np.testing.assert_array_equal(out.tokens, np.argsort(-p, axis=-1, kind="stable")[..., :3])
+    np.testing.assert_allclose(out.probs, -np.sort(-p, axis=-1)[..., :3], atol=1e-6)
+    np.testing.assert_allclose(out.entropy, -(p * logp).sum(-1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out.kl_to_final, (p[-1] * (logp[-1] - logp)).sum(-1), rtol=1e-3, atol=1e-5)
+    assert np.all(np.asarray(out.kl_to_final[-1]) == 0)
+    hidden = jax.jit(lambda: model.apply({"params": params}, ids, 4, input_states=out.initial_state,
+                                         return_hidden_states=True).hidden_states.core[:, -1])()
+    assert_close(out.states, hidden, rtol=1e-6, name="states")
+    plain = decode_iterations(model, params, ids, 4, init_scale=1.0, seed=3, top_k=3)
+    assert plain.logits is None
+    for name in ("tokens", "probs", "entropy", "kl_to_final", "states", "initial_state"):
+        np.testing.assert_allclose(getattr(plain, name), getattr(out, name), rtol=1e-6, atol=1e-7, err_msg=name)
+    one = decode_iterations(model, params, ids, 1, init_scale=1.0, seed=3, top_k=3)  # no earlier iterations
+    np.testing.assert_array_equal(one.tokens, out.tokens[:1])
+    np.testing.assert_allclose(one.probs, out.probs[:1], atol=1e-6)
+    assert one.kl_to_final.shape == (1, 2, 10) and np.all(np.asarray(one.kl_to_final) == 0)
+
+
+def test_decode_iterations_memory_does_not_grow_with_iterations(tiny):
+    """The iterations are decoded one at a time: from 4 to 32 iterations the compiled function's scratch memory
+    grows by less than its outputs do, and stays below one [32, batch, seq, vocab] float32 array (before, it held
+    three such arrays: logits, log-probabilities, probabilities)."""
+    model, params = tiny
+    batch, seq, vocab = 2, 128, model.config.vocab_size
+    ids = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
+    memory = {}
+    for r in (4, 32):
+        compiled = _decode_jit.lower(model, params, ids, None, jax.random.key(0), num_steps=r, init_scale=1.0,
+                                     top_k=5, return_logits=False).compile()
+        memory[r] = compiled.memory_analysis()
+    temp = {r: m.temp_size_in_bytes for r, m in memory.items()}
+    output = {r: m.output_size_in_bytes for r, m in memory.items()}
+    assert temp[32] - temp[4] <= output[32] - output[4], (temp, output)
+    assert temp[32] < 32 * batch * seq * vocab * 4, temp
+
+
 def test_decode_iterations_rejects_bad_input(tiny):
     model, params = tiny
     ids = np.ones((1, 4), np.int32)
@@ -158,6 +206,8 @@ def test_decode_iterations_rejects_bad_input(tiny):
         decode_iterations(model, params, ids, 2, input_states=np.zeros((1, 3, 64), np.float32))
     with pytest.raises(ValueError, match=r"input_ids must be \[batch, seq\]"):
         decode_iterations(model, params, ids[0], 2, init_scale=0.0)
+    with pytest.raises(ValueError, match=r"sequence length 129 exceeds the model's context \(max_seq_len=128\)"):
+        decode_iterations(model, params, np.ones((1, 129), np.int32), 2, init_scale=0.0)
 
 
 def test_relative_change_and_pca():

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from recurrent_depth.data.pipeline import make_dataset
 from recurrent_depth.data.shell_game import ShellGameTokenizer
 from recurrent_depth.evaluation import Depth, EvalModel
 from recurrent_depth.runtime.sharding import make_mesh
@@ -54,6 +55,16 @@ def test_two_processes_train_resume_restore_and_evaluate_like_one(tiny, tmp_path
     assert sorted(reference) == list(range(1, STEPS + 1))
     np.testing.assert_allclose([_losses(two)[s] for s in reference], list(reference.values()), rtol=1e-6)
     np.testing.assert_allclose(result["train"]["checksum"], checksum, rtol=1e-6)
+    # Every process reads the rows its devices hold: all of them where the tensor axis spans both processes
+    # (replicas get identical rows), its half on (2, 2, 2); either way the global batch is the single process's.
+    first = next(iter(make_dataset(config.data, batch_size=8, seq_len=config.train.seq_len,
+                                   vocab_size=config.model.vocab_size, seed=config.seed)))
+    replicas = result["replicas"]
+    assert replicas["(1, 1, 8)"]["rows"] == [list(range(8))] * 2
+    assert replicas["(2, 2, 2)"]["rows"] == [[0, 1, 2, 3, -1, -1, -1, -1], [4, 5, 6, 7, -1, -1, -1, -1]]
+    for shape in replicas.values():
+        for key, value in first.items():
+            np.testing.assert_array_equal(shape[key], value, err_msg=key)
     evaluated = result["eval"]
     np.testing.assert_allclose(evaluated["fixed"], fixed.logprob, rtol=1e-5)
     np.testing.assert_allclose(evaluated["adaptive"], adaptive.logprob, rtol=1e-5)
@@ -61,9 +72,10 @@ def test_two_processes_train_resume_restore_and_evaluate_like_one(tiny, tmp_path
     assert evaluated["tokens"] == tokens
 
     # Both processes skipped the newest checkpoint (unreadable on process 1 only) and restored the previous one,
-    # each with a warning.
+    # each with a warning; it was moved aside once, and neither process lists it any more.
     restores = result["restore"]["restores"]
     assert [r[:2] for r in restores] == [[STEPS - 2, 1]] * 2 and restores[1][2] == 1, restores
+    assert [r[3] for r in restores] == [STEPS - 2] * 2 and result["restore"]["moved"] == [f"{STEPS}.corrupt-1"]
     # The two processes' run, cut back to its step-4 checkpoint, resumes in one process on another mesh shape and
     # trains on the same tokens as the uninterrupted run.
     assert not list((two / "checkpoints").rglob("process_*-of-*")), "a per-process data state"

@@ -43,9 +43,8 @@ def _chat_config(path, **chat):
     return config
 
 
-def _batches(config, steps, batch_size=1, seq_len=15, index=0, count=1):
-    it = iter(make_dataset(config, batch_size=batch_size, seq_len=seq_len, vocab_size=32, seed=0,
-                           process_index=index, process_count=count))
+def _batches(config, steps, batch_size=1, seq_len=15, rows=None):
+    it = iter(make_dataset(config, batch_size=batch_size, seq_len=seq_len, vocab_size=32, seed=0, rows=rows))
     return [next(it) for _ in range(steps)]
 
 
@@ -92,8 +91,8 @@ def test_huginn_template_labels_are_the_huginn_turns(tmp_path):
 def test_chat_batches_are_deterministic_independent_of_processes_and_resume(tmp_path):
     path = _write(tmp_path / "c.jsonl", shell_game.chat_rows(40, 0, (1, 6)))
     config = _chat_config(path)
-    whole = _batches(config, 12, batch_size=4, seq_len=31)  # several epochs of each lane's ~10 conversations
-    halves = [_batches(config, 12, batch_size=4, seq_len=31, index=p, count=2) for p in (0, 1)]
+    whole = _batches(config, 12, batch_size=4, seq_len=31)  # several epochs of the 40 conversations
+    halves = [_batches(config, 12, batch_size=4, seq_len=31, rows=range(2 * p, 2 * p + 2)) for p in (0, 1)]
     for step, batch in enumerate(whole):
         for key in batch:
             np.testing.assert_array_equal(batch[key], np.concatenate([h[step][key] for h in halves]), err_msg=key)
@@ -129,7 +128,7 @@ def test_malformed_rows_are_skipped_and_counted_when_asked(tmp_path):
     path = _write(tmp_path / "c.jsonl", [{"question": "ab", "answer": "b"}, *(r for r, _ in BAD_ROWS.values())])
     config = _chat_config(path, skip_malformed=True)
     reader = ChatReader(config.chat, TOK, 16)
-    assert len(reader.read([path], 0, 1)) == 1 and reader.log_skipped() == len(BAD_ROWS)
+    assert len(reader.read([path])) == 1 and reader.log_skipped() == len(BAD_ROWS)
     labels = _batches(config, 2)[1]["labels"][0]
     assert TOK.decode(labels[labels != IGNORE_INDEX]) == "b"  # the one good row, every epoch
     with pytest.raises(ValueError, match="holds no usable conversation"):
@@ -235,3 +234,28 @@ def test_huginn_evaluation_stops_on_the_original_three_stop_tokens(tmp_path):
     assert EvalModel.stop_ids(lm) == [65504, 65505, 65508]
     lm.tokenizer = TOK
     assert EvalModel.stop_ids(lm) == [TOK.eos_id]
+
+
+def test_a_tokenizer_without_pad_id_pads_with_eos_and_fine_tunes_finitely(tmp_path):
+    import sentencepiece as spm
+
+    from recurrent_depth.data.tokenizer import SentencePieceTokenizer
+    from recurrent_depth.training.loop import train
+
+    from helpers import small_config
+
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(f"question {i} has the answer {i * 7} and more words" for i in range(300)))
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "default"), vocab_size=120,
+                                   minloglevel=2)  # SentencePiece's defaults: no pad id (-1)
+    tokenizer = SentencePieceTokenizer(tmp_path / "default.model")
+    assert tokenizer._processor.pad_id() == -1 and tokenizer.pad_id == tokenizer.eos_id
+    rows = [{"question": f"question {i}", "answer": f"answer {i * 7}"} for i in range(40)]
+    config = small_config()
+    config.data.update(kind="chat", sources=({"paths": str(_write(tmp_path / "chat.jsonl", rows))},))
+    config.data.tokenizer.path = str(tmp_path / "default.model")
+    config.train.update(steps=2, log_every=1, seq_len=64)
+    train(config, tmp_path / "run")  # every row is padded: whole conversations in rows of 65 tokens
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(np.isfinite(r["loss"]) and r["skipped_updates"] == 0 for r in records), records

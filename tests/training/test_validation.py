@@ -52,13 +52,17 @@ def test_every_shipped_config_validates_and_training_checks_before_compiling(tmp
     for name, devices in (("demo", 1), ("tiny", 8), ("huginn_3p5b", 256)):
         validate_run_config(_load(name), num_devices=devices)
     config = _load("tiny")
-    config.data.update(kind="mixture", sources=({"kind": "parquet", "paths": "x"},))
+    config.data.update(kind="mixture", sources=({"kind": "csv", "paths": "x"},))
     with pytest.raises(ConfigError, match=r"data.sources\[0\].kind must be one of"):
         validate_run_config(config, num_devices=8)
     config = _load("tiny")
-    config.train.microbatches = 8
-    with pytest.raises(ConfigError, match=r"must divide each process's batch \(train.batch_size / 2 processes = 4\)"):
-        validate_run_config(config, num_devices=8, process_count=2)
+    config.train.microbatches = 3
+    with pytest.raises(ConfigError, match=r"train.microbatches \(3\) must divide train.batch_size \(8\)"):
+        validate_run_config(config, num_devices=8)
+    config.train.microbatches = 1
+    config.data.update(kind="mixture", sources=({"kind": "parquet", "paths": "x", "text_field": "t"},))
+    with pytest.raises(ConfigError, match=r"unknown field\(s\) \['text_field'\] for a parquet source"):
+        validate_run_config(config, num_devices=8)
     config = _load("tiny")
     config.train.log_every = 0  # used to raise ZeroDivisionError after the first compiled step
     with pytest.raises(ConfigError, match="train.log_every must be a positive integer, got 0"):
