@@ -1,6 +1,12 @@
 """Parallel sampling against token-by-token generation on the small trained text model; prints one JSON line.
 
   python bench/parallel_bench.py [--workdir=workdir_text_small] [--repeats=1]
+  python bench/parallel_bench.py --shape=bench-small [--repeats=1]   # the memory-bound setting
+
+--shape=bench-small: random weights of the "bench-small" shape (hidden 512, (2, 4, 2) layers, MLP 1536, vocab
+32768, float32: a 52 MiB core block, far beyond the CPU's cache, so a batch-1 step is bound by reading the
+weights: the premise of parallel sampling), random prompts, batch 1 only, `parallel_generate` with freeze="fixed"
+(every position gets its r iterations, whatever the weights) and with the defaults.
 
 The model is configs/text_small.py's; if --workdir holds no checkpoint, the bench builds the corpus (`python -m
 recurrent_depth.cli.corpus stdlib`) into it and train.py trains it there first (about 15 CPU minutes, once).
@@ -31,6 +37,8 @@ from recurrent_depth.checkpoint.train_state import RUN_CONFIG_FILE, load_workdir
 from recurrent_depth.cli import app
 from recurrent_depth.data.sources import expand_paths, read_documents
 from recurrent_depth.data.tokenizer import load_tokenizer
+from recurrent_depth.model.config import ModelConfig
+from recurrent_depth.model.lm import RecurrentDepthLM, init_params
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT_LEN, NEW_TOKENS, NUM_STEPS, BATCHES = 32, 128, 32, (1, 8)
@@ -38,6 +46,9 @@ FLAGS = flags.FlagValues()
 flags.DEFINE_string("workdir", str(ROOT / "workdir_text_small"), "a train.py workdir of configs/text_small.py "
                     "(trained there if it has no checkpoint)", flag_values=FLAGS)
 flags.DEFINE_integer("repeats", 1, "timed calls per setting after the compiling one", flag_values=FLAGS)
+flags.DEFINE_enum("shape", "text_small", ["text_small", "bench-small"], "the trained text model, or random weights "
+                  "of the bench-small shape at batch 1 (memory-bound)", flag_values=FLAGS)
+MEMORY_BOUND_SETTINGS = {"parallel freeze fixed": dict(freeze="fixed"), "parallel default": {}}
 # name -> parallel_generate settings (the defaults: max_wavefront 128, inner_steps 4, exit_threshold 0.03).
 SETTINGS = {
     "parallel default": {},
@@ -103,7 +114,16 @@ def agreement(tokens, reference) -> dict:
             round(float(np.mean(first)), 1), "rows_identical": int(same.all(axis=1).sum())}
 
 
-def bench(model, params, ids: np.ndarray, repeats: int) -> list[dict]:
+def bench_small():
+    """(model, params) of the bench-small shape, random weights (float32)."""
+    config = ModelConfig(vocab_size=32768, hidden_size=512, num_heads=8, intermediate_size=1536,
+                         num_prelude_layers=2, num_core_layers=4, num_coda_layers=2, max_seq_len=256,
+                         mean_recurrence=NUM_STEPS, mean_backprop_depth=4)
+    model = RecurrentDepthLM(config)
+    return model, init_params(model, jax.random.key(0))
+
+
+def bench(model, params, ids: np.ndarray, repeats: int, settings: dict = SETTINGS) -> list[dict]:
     """The rows of one batch: generate, generate with another seed, then each parallel setting."""
     batch = ids.shape[0]
     run = lambda seed: generate(model, params, ids, max_new_tokens=NEW_TOKENS,  # noqa: E731
@@ -113,7 +133,7 @@ def bench(model, params, ids: np.ndarray, repeats: int) -> list[dict]:
     rows = [{"batch": batch, "sampler": "generate", "tokens_per_s": round(base_speed, 1), "speedup": 1.0,
              "core_passes_per_token": NUM_STEPS, "iterations_per_token": NUM_STEPS,
              "generate_self_agreement": agreement(run(1).tokens, reference.tokens)["agreement"]}]
-    for name, kw in SETTINGS.items():
+    for name, kw in settings.items():
         out, seconds = timed(lambda kw=kw: parallel_generate(model, params, ids, max_new_tokens=NEW_TOKENS,
                                                              num_steps=NUM_STEPS, **kw), repeats)
         inner = kw.get("inner_steps", 4)
@@ -135,6 +155,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _bench(positional: list[str]) -> None:
     app.positional(positional)
+    if FLAGS.shape == "bench-small":
+        model, params = bench_small()
+        ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (1, PROMPT_LEN), dtype=np.int32)
+        sizes = {name: int(sum(x.nbytes for x in jax.tree.leaves(params[part]))) for name, part in
+                 (("core_block_bytes", "core"),) if part in params}
+        print(json.dumps({"bench": "parallel_sampling", "shape": "bench-small", "num_steps": NUM_STEPS,
+                          "prompt_len": PROMPT_LEN, "new_tokens": NEW_TOKENS, "devices": str(jax.devices()[0]),
+                          **sizes, "rows": bench(model, params, ids, FLAGS.repeats, MEMORY_BOUND_SETTINGS)}))
+        return
     model, params, run = trained_model(Path(FLAGS.workdir))
     ids = prompts(run, max(BATCHES))
     rows = [row for batch in BATCHES for row in bench(model, params, ids[:batch], FLAGS.repeats)]

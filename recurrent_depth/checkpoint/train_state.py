@@ -79,13 +79,21 @@ class TrainCheckpointer:
         self.directory, self.every = as_path(directory), every
         check_bucket(self.directory)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._pending = None  # the step of the last save started, until it is known to be committed
 
     def save(self, step: int, state, iterator, force: bool = False) -> bool:
-        """Saves if `step` is due (or `force`); returns whether a save started."""
+        """Saves if `step` is due (or `force`); returns whether a save started.  A failed save, this one or the
+        previous one (async saves fail in the background), raises: see `_raise_save_fault`."""
         if not force and step % self.every:  # the common case, without Orbax's per-call checks
             return False
+        self.wait()  # the previous save first (Orbax waits for it too), so that its failure names its step
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(iterator.get_state()))
-        return self.manager.save(step, args=args, force=force)
+        try:
+            started = self.manager.save(step, args=args, force=force)
+        except Exception as err:  # noqa: BLE001 - classified there
+            _raise_save_fault(err, self.directory / str(step))
+        self._pending = step if started else None
+        return started
 
     def restore_latest(self, abstract_state, iterator=None, partial: bool = False, quarantine: bool = True):
         """The newest checkpoint that every process can read, restored onto `abstract_state`'s shardings (so the
@@ -182,7 +190,12 @@ class TrainCheckpointer:
         return state, ocp.JsonCheckpointHandler().restore(path / "data", args=ocp.args.JsonRestore())
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Waits for the save in progress; raises (`_raise_save_fault`) if it failed."""
+        step, self._pending = self._pending, None
+        try:
+            self.manager.wait_until_finished()
+        except Exception as err:  # noqa: BLE001 - classified there
+            _raise_save_fault(err, self.directory if step is None else self.directory / str(step))
 
     def close(self) -> None:
         self.manager.close()
@@ -219,6 +232,20 @@ def restore_fault(err: BaseException) -> str:
            or type(e).__module__.startswith("msgpack") or _CORRUPT_STATUS.search(str(e)) for e in chain):
         return "corrupt"
     return "other"
+
+
+def _raise_save_fault(error: Exception, path: epath.Path):
+    """Raises the error of a checkpoint save to `path` that failed with `error`: a storage error that outlasted
+    the storage client's own retries (transient, see `restore_fault`) as a CheckpointError that says what to do (one
+    line from train.py), any other error as it is, with a note.  Either way the checkpoint is not committed (Orbax
+    commits last), so a restart resumes from the last committed one and saves this step again."""
+    if restore_fault(error) == "transient":
+        raise CheckpointError(f"saving checkpoint {path} failed: the storage stayed unreachable through its client's "
+                              f"retries ({type(error).__name__}: {' '.join(str(error).split())[:300]}); the checkpoint "
+                              "is not committed: run the same command again once the storage is reachable, and it "
+                              "resumes from the last committed checkpoint") from error
+    error.add_note(f"while saving checkpoint {path} (not committed: a restart resumes from the last committed one)")
+    raise error
 
 
 def _is_transient(err: BaseException) -> bool:
