@@ -7,7 +7,7 @@ class ConfigError(ValueError):
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read into this model (missing, unexpected or misshapen tensors, unsupported
-    options, unreadable steps); the message names the tensor, field or step."""
+    options, unreadable steps), or a save that storage did not take; the message names the tensor, field or step."""
 
 
 class ChatDataError(ValueError):

@@ -32,7 +32,8 @@ def hold_commit(step: int, marker: Path, release: Path | None) -> None:
         async def finalize(self, *args, **kwargs):
             if self.get_final().name == str(step) and not held:
                 held.append(step)
-                marker.write_text(str(self.get()))
+                marker.with_suffix(".tmp").write_text(str(self.get()))
+                marker.with_suffix(".tmp").rename(marker)  # whole when the test sees it
                 while release is None or not release.exists():
                     await asyncio.sleep(0.02)
             return await real(self, *args, **kwargs)
