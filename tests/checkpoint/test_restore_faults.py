@@ -1,6 +1,6 @@
 """What a failed checkpoint read leads to: a corrupt newest checkpoint is skipped and moved aside (so its step can
 be saved again and the run finishes), a transient storage error is retried and never falls back, and any other
-error is raised.  Tiny states on CPU; one end-to-end run of `train`."""
+error is raised.  Tiny states on CPU (the save faults of a whole run: test_save_faults.py)."""
 
 import json
 import shutil
@@ -12,9 +12,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from recurrent_depth.checkpoint import train_state
-from recurrent_depth.checkpoint.train_state import CHECKPOINTS_DIR, TrainCheckpointer, restore_fault
+from recurrent_depth.checkpoint.train_state import TrainCheckpointer, restore_fault
 from recurrent_depth.errors import CheckpointError
-from recurrent_depth.training.loop import train
 
 from helpers import local_iterator, small_config
 
@@ -236,17 +235,3 @@ class _HttpError(Exception):
 ])
 def test_restore_fault_tells_transient_corrupt_and_other_apart(error, fault):
     assert restore_fault(error()) == fault
-
-
-@pytest.mark.slow
-def test_a_run_whose_newest_checkpoint_is_corrupt_resumes_and_finishes_bitwise(tmp_path):
-    config = small_config()
-    config.train.update(steps=2, log_every=1)
-    config.checkpoint.update(every=1, async_save=False)
-    straight = jax.device_get(train(config, tmp_path).params)
-    _truncate_arrays(tmp_path / CHECKPOINTS_DIR / "2")
-    with pytest.warns(UserWarning, match="moved the corrupt checkpoint of step 2"):
-        resumed = jax.device_get(train(config, tmp_path).params)  # from step 1; the final step's save is forced
-    assert _names(tmp_path / CHECKPOINTS_DIR) == ["1", "2", "2.corrupt-1"]
-    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
-        np.testing.assert_array_equal(a, b)
