@@ -13,6 +13,7 @@ and memory does not grow with the store.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -237,6 +238,11 @@ class ShuffledRows:
             self._epochs[epoch] = cached
         return cached
 
+    @functools.lru_cache(maxsize=256)  # noqa: B019  (a few blocks per epoch; a SeedSequence costs ~12 us a row)
+    def _block_seed(self, epoch: int, block: int) -> int:
+        """The index shuffle's seed of one block in one epoch."""
+        return int(np.random.SeedSequence([*self.seed, epoch, block]).generate_state(1)[0])
+
     def row(self, k: int):
         epoch, i = divmod(k, self.total)
         order, ends = self._epoch(epoch)
@@ -244,6 +250,6 @@ class ShuffledRows:
         block, size = int(order[position]), int(self.store.block_sizes[order[position]])
         offset = i - (int(ends[position]) - size)
         if size > 1:
-            seed = int(np.random.SeedSequence([*self.seed, epoch, block]).generate_state(1)[0])
-            offset = grain.experimental.index_shuffle(offset, max_index=size - 1, seed=seed, rounds=4)
+            offset = grain.experimental.index_shuffle(offset, max_index=size - 1, seed=self._block_seed(epoch, block),
+                                                      rounds=4)
         return self.store.read(block, offset)
