@@ -16,8 +16,8 @@ import pytest
 
 PACKAGE = Path(__file__).parent.parent / "recurrent_depth"
 # Bottom to top.  training sits above evaluation: a run validates its `eval` section against the task kinds.
-FLOORS = (("errors",), ("runtime",), ("model", "data"), ("checkpoint", "decoding"), ("evaluation", "inspect"),
-          ("training",), ("cli",))
+FLOORS = (("errors",), ("runtime",), ("model", "data"), ("checkpoint", "decoding"),
+          ("evaluation", "inspect", "serving"), ("training",), ("cli",))
 # Imported inside functions on purpose: extras that may be missing (eval, tpu), TPU-only kernels, and
 # matplotlib, whose backend is chosen before pyplot loads.
 OPTIONAL = ("reasoning_gym", "lm_eval", "matplotlib", "jax.experimental.pallas", "jax.experimental.topologies")

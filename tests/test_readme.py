@@ -46,6 +46,7 @@ SKIPPED_PROGRAMS = {
     "tensorboard": "TensorBoard's own command line (pip install tensorboard)",
     "git": "git's own command line",
     "cd": "shell built-in",
+    "curl": "an HTTP client: the Serving section's requests to a running server",
 }
 SKIPPED_MODULES = {
     "venv": "the standard library's virtual environments",

@@ -76,7 +76,7 @@ def _compile_and_report(lowered, devices, start: float) -> dict:
     return {
         "argument_gib": round(memory.argument_size_in_bytes / GIB, 2),
         "output_gib": round(memory.output_size_in_bytes / GIB, 2),
-        "temp_gib": round(memory.temp_size_in_bytes / GIB, 2),
+        "temp_gib": round(memory.temp_size_in_bytes / GIB, 2), "temp_bytes": int(memory.temp_size_in_bytes),
         "alias_gib": round(memory.alias_size_in_bytes / GIB, 2),
         "total_gib": round(used / GIB, 2), "total_bytes": int(used),
         "hbm_gib": round(hbm / GIB, 1) if hbm else None,

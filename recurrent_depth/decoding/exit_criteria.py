@@ -19,6 +19,14 @@ DEFAULT_THRESHOLDS = {"entropy-diff": 1e-3, "latent-diff": 0.03, "kl": 1e-3, "mi
 LOGIT_CRITERIA = ("entropy-diff", "kl", "minp-kl", "argmax-stability")
 
 
+CRITERIA = tuple(DEFAULT_THRESHOLDS)  # a row's criterion as an array: 0 fixed depth, 1 + the index here
+
+
+def criterion_id(name: str | None) -> int:
+    """The criterion's number in per-row settings arrays: 0 for None (fixed depth), else 1 + CRITERIA.index."""
+    return 0 if name is None else 1 + CRITERIA.index(name)
+
+
 @dataclasses.dataclass(frozen=True)
 class ExitCriterion:
     """A named criterion with its threshold; name None never exits early (fixed depth)."""
@@ -43,43 +51,96 @@ class ExitCriterion:
 
     def init(self, state, vocab_size: int):
         """Carry of the criterion before the first check.  state [batch, len, embed] is the initial state."""
-        batch = state.shape[0]
-        if self.name == "entropy-diff":
-            return jnp.full((batch,), 100.0, jnp.float32)
-        if self.name in ("kl", "minp-kl"):
-            return jnp.full((batch, vocab_size), -jnp.log(float(vocab_size)), jnp.float32)
-        if self.name == "argmax-stability":
-            return jnp.full((batch,), -1, jnp.int32), jnp.zeros((batch,), jnp.int32)
-        if self.name in ("latent-diff", "cosine"):
-            return state.astype(jnp.float32)
-        return ()
+        return () if self.name is None else _init(self.name, state, vocab_size)
 
     def check(self, carry, state, weights, logits):
         """(exit [batch] bool, new carry).  state [batch, len, embed] raw, weights [batch, len] (1 for real
         positions), logits [batch, vocab] of the last position (only for logit criteria)."""
         if self.name is None:
             return jnp.zeros(state.shape[:1], bool), carry
-        if self.name == "entropy-diff":
-            probs = jax.nn.softmax(logits, axis=-1)
-            entropy = -jnp.sum(probs * jnp.log(probs + 1e-10), axis=-1)
-            return jnp.abs(entropy - carry) < self.threshold, entropy
-        if self.name in ("kl", "minp-kl"):
-            log_probs = _minp_log_probs(logits) if self.name == "minp-kl" else jax.nn.log_softmax(logits, axis=-1)
-            kl = jnp.sum(jnp.exp(carry) * (carry - log_probs), axis=-1)  # KL(previous || current)
-            return kl < self.threshold, log_probs
-        if self.name == "argmax-stability":
-            previous, stable = carry
-            current = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-            stable = jnp.where(current == previous, stable + 1, 0)
-            return stable >= self.threshold, (current, stable)
-        state = state.astype(jnp.float32)
-        norm = jnp.linalg.norm(state, axis=-1)
-        if self.name == "latent-diff":
-            values = jnp.linalg.norm(state - carry, axis=-1) / norm
-        else:  # cosine: 1 - cos(s_i, s_{i-1})
-            values = 1.0 - jnp.sum(state * carry, axis=-1) / norm / jnp.linalg.norm(carry, axis=-1)
-        mean = jnp.sum(jnp.where(weights > 0, values * weights, 0.0), axis=-1) / jnp.sum(weights, axis=-1)
-        return mean < self.threshold, state
+        value, carry = _value(self.name, carry, state, weights, logits)
+        return _exits(self.name, value, self.threshold), carry
+
+
+@dataclasses.dataclass(frozen=True)
+class CriterionSet:
+    """The criteria one compiled program can evaluate; each row picks its own (or none) and its threshold from
+    arrays, so that one compilation serves every mix (`criterion_id` numbers them).  `generate` compiles the set of
+    its one criterion, the serving engine all of CRITERIA."""
+
+    names: tuple[str, ...] = CRITERIA
+
+    @property
+    def logit_names(self) -> tuple[str, ...]:
+        return tuple(n for n in self.names if n in LOGIT_CRITERIA)
+
+    def needs_logits(self, ids):
+        """[batch] bool: the row's criterion reads the logits (ids [batch] int32 as `criterion_id`)."""
+        return _isin(ids, self.logit_names)
+
+    def init(self, state, vocab_size: int) -> dict:
+        """The carries of every criterion of the set (latent-diff and cosine share the previous state)."""
+        return {_carry_key(n): _init(n, state, vocab_size) for n in self.names}
+
+    def check(self, carry: dict, ids, thresholds, state, weights, logits=None):
+        """(exit [batch] bool, updated carries) for the rows whose criterion needs no logits when logits is None
+        (latent criteria), else for the rows of the logit criteria; the other rows never exit here.  ids, thresholds
+        [batch]; the rest as `ExitCriterion.check`."""
+        names = [n for n in self.names if (n in LOGIT_CRITERIA) == (logits is not None)]
+        exits, updated = jnp.zeros(ids.shape, bool), {}
+        for name in names:
+            value, updated[_carry_key(name)] = _value(name, carry[_carry_key(name)], state, weights, logits)
+            exits = exits | ((ids == criterion_id(name)) & _exits(name, value, thresholds))
+        return exits, updated
+
+
+def _isin(ids, names):
+    hit = jnp.zeros(ids.shape, bool)
+    for name in names:
+        hit = hit | (ids == criterion_id(name))
+    return hit
+
+
+def _carry_key(name: str) -> str:
+    return "state" if name in ("latent-diff", "cosine") else name
+
+
+def _init(name: str, state, vocab_size: int):
+    batch = state.shape[0]
+    if name == "entropy-diff":
+        return jnp.full((batch,), 100.0, jnp.float32)
+    if name in ("kl", "minp-kl"):
+        return jnp.full((batch, vocab_size), -jnp.log(float(vocab_size)), jnp.float32)
+    if name == "argmax-stability":
+        return jnp.full((batch,), -1, jnp.int32), jnp.zeros((batch,), jnp.int32)
+    return state.astype(jnp.float32)  # latent-diff, cosine
+
+
+def _exits(name: str, value, threshold):
+    return value >= threshold if name == "argmax-stability" else value < threshold
+
+
+def _value(name: str, carry, state, weights, logits):
+    """(the criterion's value [batch], new carry) after an iteration (see ExitCriterion.check)."""
+    if name == "entropy-diff":
+        probs = jax.nn.softmax(logits, axis=-1)
+        entropy = -jnp.sum(probs * jnp.log(probs + 1e-10), axis=-1)
+        return jnp.abs(entropy - carry), entropy
+    if name in ("kl", "minp-kl"):
+        log_probs = _minp_log_probs(logits) if name == "minp-kl" else jax.nn.log_softmax(logits, axis=-1)
+        return jnp.sum(jnp.exp(carry) * (carry - log_probs), axis=-1), log_probs  # KL(previous || current)
+    if name == "argmax-stability":
+        previous, stable = carry
+        current = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        stable = jnp.where(current == previous, stable + 1, 0)
+        return stable, (current, stable)
+    state = state.astype(jnp.float32)
+    norm = jnp.linalg.norm(state, axis=-1)
+    if name == "latent-diff":
+        values = jnp.linalg.norm(state - carry, axis=-1) / norm
+    else:  # cosine: 1 - cos(s_i, s_{i-1})
+        values = 1.0 - jnp.sum(state * carry, axis=-1) / norm / jnp.linalg.norm(carry, axis=-1)
+    return jnp.sum(jnp.where(weights > 0, values * weights, 0.0), axis=-1) / jnp.sum(weights, axis=-1), state
 
 
 def _minp_log_probs(logits):

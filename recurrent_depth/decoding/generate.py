@@ -20,8 +20,8 @@ import jax.numpy as jnp
 
 from recurrent_depth.decoding.exit_criteria import ExitCriterion
 from recurrent_depth.decoding.kv_cache import Chunk
-from recurrent_depth.decoding.passes import Runner, emit, prefill
-from recurrent_depth.decoding.plan import Plan, make_plan, positive_int, prompt_arrays, stop_array
+from recurrent_depth.decoding.passes import Runner, emit, prefill, row_keys, token_keys
+from recurrent_depth.decoding.plan import Plan, RowSettings, make_plan, positive_int, prompt_arrays, stop_array
 from recurrent_depth.decoding.sampling import Sampler
 from recurrent_depth.model.lm import RecurrentDepthLM
 
@@ -46,14 +46,17 @@ class SpeculativeOutput:
     rounds: jax.Array  # [batch] int32 draft-and-verify rounds (tokens per round = num_tokens / rounds)
 
 
-def _generate(model, plan: Plan, params, ids, lengths, stops, key, num_steps):
-    """The compiled body of `generate`: prefill, then one token per while_loop step (num_steps traced)."""
+def _generate(model, plan: Plan, params, ids, lengths, stops, key, rows: RowSettings):
+    """The compiled body of `generate`: prefill, then one token per while_loop step.  Row r's token n draws with
+    token_keys(fold_in(key, r), n); the settings `rows` are traced (every row gets the plan's)."""
     runner = Runner(model, params, plan)
     batch, new = ids.shape[0], plan.max_new_tokens
     max_len = ids.shape[1] + new
-    k_state, k_sample = jax.random.split(jax.random.fold_in(key, 0))
-    first, res = prefill(runner, ids, lengths, k_state, max_len, num_steps, plan.cache_steps)
-    token = plan.sampler(res.logits[:, 0], k_sample)
+    keys = row_keys(key, batch)
+    sample = lambda logits, k: rows.sampling(logits, k, plan.sample_like)  # noqa: E731
+    k_state, k_sample = token_keys(keys, 0)
+    first, res = prefill(runner, ids, lengths, k_state, max_len, rows)
+    token = sample(res.logits[:, 0], k_sample)
     out = dict(tokens=jnp.full((batch, new), -1, jnp.int32).at[:, 0].set(token),
                steps=jnp.zeros((batch, new), jnp.int32).at[:, 0].set(res.steps))
     if plan.return_logits:
@@ -64,13 +67,12 @@ def _generate(model, plan: Plan, params, ids, lengths, stops, key, num_steps):
 
     def body(carry):
         n, cache, token, latent, finished, out = carry
-        k_state, k_sample = jax.random.split(jax.random.fold_in(key, n))
+        k_state, k_sample = token_keys(keys, n)
         chunk = Chunk(start=start + n - 1, real=jnp.ones((batch, 1), bool))
         rope = (lengths + n - 1)[:, None]
         res = runner.step(cache, jnp.maximum(token, 0)[:, None], chunk, rope, ~finished,
-                          jnp.zeros((batch, 1), jnp.int32), k_state, num_steps=num_steps,
-                          criterion=plan.criterion, state=latent if plan.continuous else None)
-        token = jnp.where(finished, -1, plan.sampler(res.logits[:, 0], k_sample))
+                          jnp.zeros((batch, 1), jnp.int32), k_state, rows, state=latent)
+        token = jnp.where(finished, -1, sample(res.logits[:, 0], k_sample))
         out = dict(out, tokens=out["tokens"].at[:, n].set(token), steps=out["steps"].at[:, n].set(res.steps))
         if plan.return_logits:
             out["logits"] = out["logits"].at[:, n].set(jnp.where(finished[:, None], 0.0, res.logits[:, 0]))
@@ -90,12 +92,14 @@ def _generate(model, plan: Plan, params, ids, lengths, stops, key, num_steps):
 def _speculative(model, plan: Plan, draft_steps: int, lookahead: int, params, ids, lengths, stops, key, num_steps):
     """The compiled body of `speculative_generate`: draft `lookahead` tokens at `draft_steps` iterations,
     verify them in one chunk at num_steps (traced), keep the agreeing prefix plus the verifier's token."""
-    runner = Runner(model, params, plan)
+    runner = Runner(model, params, plan)  # (fixed depth: the plan has no exit criterion)
     batch, new, width = ids.shape[0], plan.max_new_tokens, lookahead
     max_len = ids.shape[1] + new + width
-    fixed = ExitCriterion()
+    verifying = plan.rows(batch, num_steps)
+    drafting = verifying.replace(num_steps=jnp.full((batch,), draft_steps, jnp.int32))
     k_state, k_sample = jax.random.split(jax.random.fold_in(key, 0))
-    first, res = prefill(runner, ids, lengths, k_state, max_len, num_steps, max(plan.cache_steps, draft_steps))
+    first, res = prefill(runner, ids, lengths, row_keys(k_state, batch), max_len, verifying,
+                         max(plan.cache_steps, draft_steps))
     token = plan.sampler(res.logits[:, 0], k_sample)
     tokens = jnp.full((batch, new + width + 1), -1, jnp.int32).at[:, 0].set(token)
     state = (jnp.ones((), jnp.int32), res.cache, token, jnp.ones((batch,), jnp.int32),
@@ -111,7 +115,7 @@ def _speculative(model, plan: Plan, draft_steps: int, lookahead: int, params, id
             cache, token, drafts = c
             chunk = Chunk(start=base + i, real=jnp.ones((batch, 1), bool))
             res = runner.step(cache, token[:, None], chunk, (base + i - first)[:, None], active,
-                              jnp.zeros((batch, 1), jnp.int32), keys[2 * i], num_steps=draft_steps, criterion=fixed)
+                              jnp.zeros((batch, 1), jnp.int32), row_keys(keys[2 * i], batch), drafting)
             token = plan.sampler(res.logits[:, 0], keys[2 * i + 1])
             return res.cache, token, drafts.at[:, i].set(token)
 
@@ -121,7 +125,7 @@ def _speculative(model, plan: Plan, draft_steps: int, lookahead: int, params, id
         span = jnp.arange(width, dtype=jnp.int32)
         res = runner.step(cache, inputs, Chunk(start=base, real=jnp.ones((batch, width), bool)),
                           (base - first)[:, None] + span, active, jnp.broadcast_to(span, (batch, width)),
-                          keys[-2], num_steps=num_steps, criterion=fixed)
+                          row_keys(keys[-2], batch), verifying)
         agree = jnp.cumprod(jnp.argmax(res.logits, axis=-1) == drafts, axis=1).sum(axis=1)  # [batch] in [0, width]
         at = jnp.minimum(agree, width - 1)[:, None]
         fix = plan.sampler(jnp.take_along_axis(res.logits, at[:, :, None], axis=1)[:, 0], keys[-1])
@@ -168,7 +172,10 @@ def generate(model: RecurrentDepthLM, params, prompts, *, max_new_tokens: int, l
     max_steps: the largest num_steps this compilation serves (default num_steps): the `full` cache has room for
       max_steps iterations per token, and a sweep over num_steps <= max_steps compiles once.
     init_scale: scale of the random initial state (default config.init_scale); 0 gives a zero state.
-    temperature 0 is greedy; otherwise sampling with the optional top_k / top_p / min_p filters, from `seed`.
+    temperature 0 is greedy; otherwise sampling with the optional top_k / top_p / min_p filters, from `seed`:
+      row r's randomness (its sampling and its random initial states) comes from fold_in(key(seed), r) and the
+      token's index only, so a prompt's output does not depend on the other prompts (the serving engine gives
+      each request the key of row 0).
     stop_tokens: a sequence that emits one stops (the stop token is its last); the others go on.
     cache_strategy: 'full', 'compress-K', 'latest', 'latest-compress-K' (see recurrent_depth.decoding.kv_cache).
     continuous: each token's iterations start from the previous token's final state (after the final norm; the
@@ -191,7 +198,7 @@ def generate(model: RecurrentDepthLM, params, prompts, *, max_new_tokens: int, l
                         min_steps=min_steps, check_every=check_every, return_logits=bool(return_logits),
                         stream=stream)
     return _generate_jit(model, plan, nn.meta.unbox(params), ids, lengths, stop_array(model, stop_tokens),
-                         jax.random.key(seed), steps)
+                         jax.random.key(seed), plan.rows(ids.shape[0], steps))
 
 
 def lower_generate(model: RecurrentDepthLM, params, batch_size: int, prompt_len: int, *, max_new_tokens: int,
@@ -215,10 +222,11 @@ def lower_generate(model: RecurrentDepthLM, params, batch_size: int, prompt_len:
     rows = input_sharding and jax.sharding.NamedSharding(input_sharding.mesh, jax.sharding.PartitionSpec(
         input_sharding.spec[0]))  # lengths [batch]: sharded like the prompts' rows
     key = spec((), jax.eval_shape(jax.random.key, 0).dtype, replicated)
+    settings = jax.tree.map(lambda x: spec(x.shape, x.dtype, rows), plan.rows(batch_size, steps))
     return _generate_jit.lower(model, plan, nn.meta.unbox(params),
                                spec((batch_size, prompt_len), jnp.int32, input_sharding),
                                spec((batch_size,), jnp.int32, rows), spec((stops,), jnp.int32, replicated), key,
-                               spec((), jnp.int32, replicated))
+                               settings)
 
 
 def speculative_generate(model: RecurrentDepthLM, params, prompts, *, max_new_tokens: int, lengths=None,

@@ -181,6 +181,19 @@ class KVCache:
         return self._cursor(self.core, chunk, active, entries if ring is None else entries % ring, ring=ring,
                             latest=self.core_layers if self.strategy.latest else None)
 
+    def insert(self, other: KVCache, row) -> KVCache:
+        """This cache with its row `row` (traced) replaced by `other`'s only row: other's entries at positions
+        [0, other.max_len), none beyond (the serving engine puts a prefilled prompt into a slot this way)."""
+        def put(big: KVGroup, small: KVGroup) -> KVGroup:
+            valid = jnp.zeros((big.valid.shape[0], 1, self.max_len), bool).at[:, :, :small.valid.shape[-1]].set(
+                small.valid)
+            return big.replace(k=jax.lax.dynamic_update_slice(big.k, small.k.astype(big.k.dtype), (0, row, 0, 0, 0)),
+                               v=jax.lax.dynamic_update_slice(big.v, small.v.astype(big.v.dtype), (0, row, 0, 0, 0)),
+                               valid=jax.lax.dynamic_update_slice(big.valid, valid, (0, row, 0)))
+
+        return self.replace(prelude=put(self.prelude, other.prelude), core=put(self.core, other.core),
+                            coda=put(self.coda, other.coda))
+
     def truncate(self, lengths) -> KVCache:
         """Forgets every entry at buffer positions >= lengths [batch] (rejected speculative tokens)."""
         keep = jnp.arange(self.max_len)[None, :] < lengths[:, None]

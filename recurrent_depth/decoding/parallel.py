@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from recurrent_depth.decoding.kv_cache import Chunk, KVCache
-from recurrent_depth.decoding.passes import ChunkPass, Runner, emit, prefill
+from recurrent_depth.decoding.passes import ChunkPass, Runner, emit, prefill, row_keys
 from recurrent_depth.decoding.plan import Plan, make_plan, positive_int, prompt_arrays, stop_array
 from recurrent_depth.decoding.sampling import Sampler
 from recurrent_depth.model.lm import RecurrentDepthLM
@@ -172,7 +172,7 @@ def _parallel(model, s: _Settings, params, ids, lengths, stops, key, knobs):
     buf = min(prompt_len + new + s.window, prompt_len + cfg.max_seq_len)
     num_steps = knobs["num_steps"]
     k_state, k_sample, k_window = jax.random.split(jax.random.fold_in(key, 0), 3)
-    first, res = prefill(runner, ids, lengths, k_state, buf, num_steps, s.base.cache_steps)
+    first, res = prefill(runner, ids, lengths, row_keys(k_state, batch), buf, s.base.rows(batch, num_steps))
     first_new = first + lengths  # buffer index of the first new token
     end = jnp.minimum(buf, first + cfg.max_seq_len)  # window positions stay below this (the context)
     token = s.base.sampler(res.logits[:, 0], k_sample)

@@ -1,5 +1,13 @@
 """The forward passes every sampler shares: a chunk of positions through the prelude, the iterations (fixed or
-adaptive per row) and the coda with the KV cache, and the prompt's prefill."""
+adaptive per row) and the coda with the KV cache, and the prompt's prefill.
+
+Every setting that may differ between rows (iterations, exit criterion and threshold, min_steps, check_every,
+continuous thinking, init_scale) comes as a `RowSettings` array, so one compilation serves any mix of them: the
+serving engine's decode step runs slots of different requests together, and `generate` runs the same code with its
+scalars broadcast.  Randomness is per row too: row r's key, folded with the token's index, gives that token's
+initial-state and sampling keys (`token_keys`), and the initial state's noise of a position depends on its key and
+RoPE position only; so a row's output never depends on the other rows or on padding.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +18,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import io_callback
 
-from recurrent_depth.decoding.exit_criteria import ExitCriterion
+from recurrent_depth.decoding.exit_criteria import CriterionSet
 from recurrent_depth.decoding.kv_cache import Chunk, KVCache
-from recurrent_depth.decoding.plan import Plan
+from recurrent_depth.decoding.plan import Plan, RowSettings
 from recurrent_depth.model.layers import rope_angles
 from recurrent_depth.model.lm import RecurrentDepthLM
 
@@ -32,6 +40,19 @@ class StepResult:
     steps: jax.Array  # [batch] iterations used (0 for inactive rows)
 
 
+def row_keys(key, batch: int):
+    """[batch] keys, row r's fold_in(key, r): what `generate` gives each row from its seed."""
+    return jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(batch))
+
+
+def token_keys(keys, index):
+    """(initial-state keys, sampling keys) [batch] each for the token numbered `index` (a scalar or [batch]) of each
+    row: split(fold_in(row key, index))."""
+    index = jnp.broadcast_to(index, keys.shape)
+    pairs = jax.vmap(lambda key, i: jax.random.split(jax.random.fold_in(key, i)))(keys, index)
+    return pairs[:, 0], pairs[:, 1]
+
+
 class Runner:
     """Forward passes over chunks with the cache; used inside the compiled loops."""
 
@@ -49,21 +70,32 @@ class Runner:
         e, cursor = self.apply(RecurrentDepthLM.embed, ids, cos, sin, None, cache.prelude_cursor(chunk, active))
         return cache.replace(prelude=cursor.group), e, cos, sin
 
-    def step(self, cache: KVCache, ids, chunk: Chunk, rope_positions, active, select, key, *, num_steps: int,
-             criterion: ExitCriterion, state=None) -> StepResult:
-        """Processes ids [batch, length] at `chunk`: prelude, up to num_steps iterations (rows exit on their own
-        by `criterion`, judged on the last selected position), coda.  Rows not `active` [batch] do nothing.
+    def initial_state(self, e, rope_positions, keys, init_scale):
+        """The random initial state [batch, length, embed] of e's shape: each position's noise from its row's key
+        [batch] and RoPE position; init_scale [batch] (zeros when the plan's init_scale is 0)."""
+        if not self.plan.random_init:
+            return jnp.zeros_like(e)
+        return self.apply(RecurrentDepthLM.initial_state, e, init_scale, rope_positions, keys)
 
-        select [batch, k]: chunk positions whose logits/latents are returned.  state [batch, length, embed]:
-        the initial state (continuous thinking); else drawn with `key` at the plan's init_scale.
+    def step(self, cache: KVCache, ids, chunk: Chunk, rope_positions, active, select, keys, rows: RowSettings, *,
+             state=None) -> StepResult:
+        """Processes ids [batch, length] at `chunk`: prelude, up to rows.num_steps iterations (with an exit
+        criterion each row exits on its own, judged on its last selected position), coda.  Rows not `active`
+        [batch] do nothing.
+
+        select [batch, k]: chunk positions whose logits/latents are returned.  keys [batch]: each row's key for its
+        random initial state.  state [batch, length, embed]: the initial state of the rows whose rows.continuous is
+        set (continuous thinking; None: every row draws its own).
         """
         cache, e, cos, sin = self.prelude(cache, ids, chunk, rope_positions, active)
-        if state is None:
-            state = self.apply(RecurrentDepthLM.initial_state, e, self.plan.init_scale, rngs={"state": key})
+        initial = self.initial_state(e, rope_positions, keys, rows.init_scale)
+        if state is not None and self.plan.may_continue:
+            initial = jnp.where(rows.continuous[:, None, None], state.astype(initial.dtype), initial)
         chunk_pass = ChunkPass(self, chunk, cos, sin, self.apply(RecurrentDepthLM.inject, e), select)
-        if criterion.name is None:
-            return chunk_pass.fixed_depth(cache, state, active, num_steps)
-        return chunk_pass.adaptive(cache, state, active, num_steps, criterion)
+        criteria = self.plan.criteria
+        if criteria is None:
+            return chunk_pass.fixed_depth(cache, initial, active, rows.num_steps)
+        return chunk_pass.adaptive(cache, initial, active, rows, criteria)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,49 +123,57 @@ class ChunkPass:
         pick = lambda x: jnp.take_along_axis(x, self.select[:, :, None], axis=1)  # noqa: E731
         return self.runner.apply(RecurrentDepthLM.head, pick(y)), pick(latents), cache.replace(coda=cursor.group)
 
-    def fixed_depth(self, cache, state, active, num_steps: int) -> StepResult:
-        """num_steps iterations, then the coda once."""
+    def fixed_depth(self, cache, state, active, num_steps) -> StepResult:
+        """num_steps [batch] iterations for each active row, then the coda once."""
         def body(carry):
             i, state, cache = carry
-            return (i + 1, *self.iterate(i, state, cache, active))
+            return (i + 1, *self.iterate(i, state, cache, active & (i < num_steps)))
 
-        _, state, cache = jax.lax.while_loop(lambda c: (c[0] < num_steps) & jnp.any(active), body,
-                                             (jnp.zeros((), jnp.int32), state, cache))
+        deepest = jnp.max(jnp.where(active, num_steps, 0))
+        _, state, cache = jax.lax.while_loop(lambda c: c[0] < deepest, body, (jnp.zeros((), jnp.int32), state, cache))
         logits, latents, cache = self.coda(cache, state, active)
         return StepResult(cache, logits, latents, jnp.where(active, num_steps, 0).astype(jnp.int32))
 
-    def adaptive(self, cache, state, active, num_steps: int, criterion: ExitCriterion) -> StepResult:
-        """Iterates until every active row has exited (criterion checked after iteration min_steps + 1, then
-        every check_every) or num_steps; each row's logits/latents are those of its exit iteration."""
-        cfg, plan = self.runner.config, self.runner.plan
+    def adaptive(self, cache, state, active, rows: RowSettings, criteria: CriterionSet) -> StepResult:
+        """Iterates until every active row has exited: by its criterion (checked after iteration min_steps + 1,
+        then every check_every; criterion 0 never) or after its num_steps.  Each row's logits/latents are those of
+        its exit iteration.  The coda runs at an iteration only for the rows that need it: those exiting, and
+        those whose criterion reads the logits at a check."""
+        cfg = self.runner.config
         weights = self.chunk.real.astype(jnp.float32)
         batch, k = self.select.shape
         no_logits = jnp.zeros((batch, k, cfg.vocab_size), jnp.float32)
         no_latents = jnp.zeros((batch, k, cfg.hidden_size), state.dtype)
-        skip = lambda cache, state, rows: (no_logits, no_latents, cache)  # noqa: E731  (iterations without coda)
+        skip = lambda cache, state, _: (no_logits, no_latents, cache)  # noqa: E731  (iterations without coda)
+        reads_logits = criteria.needs_logits(rows.criterion)
 
         def body(carry):
             i, state, cache, running, crit, out_logits, out_latents, steps = carry
             state, cache = self.iterate(i, state, cache, running)
-            check = (i >= plan.min_steps) & ((i - plan.min_steps) % plan.check_every == 0)
-            last = i == num_steps - 1
-            if criterion.needs_logits:  # the coda at every check
-                logits, latents, cache = jax.lax.cond(check | last, self.coda, skip, cache, state, running)
-                exit_now, new_crit = criterion.check(crit, state, weights, logits[:, -1])
-                exits = running & ((check & exit_now) | last)
-            else:  # latent criteria: the coda only when a row exits
-                exit_now, new_crit = criterion.check(crit, state, weights, None)
-                exits = running & ((check & exit_now) | last)
-                logits, latents, cache = jax.lax.cond(jnp.any(exits), self.coda, skip, cache, state, exits)
-            crit = jax.tree.map(lambda new, old: jnp.where(check, new, old), new_crit, crit)
+            check = (i >= rows.min_steps) & ((i - rows.min_steps) % rows.check_every == 0)
+            last = i == rows.num_steps - 1
+            # Latent criteria (and fixed depth) decide before the coda, logit criteria after it.
+            exit_latent, new_latent = criteria.check(crit, rows.criterion, rows.threshold, state, weights)
+            exits = running & ~reads_logits & ((check & exit_latent) | last)
+            coda_rows = exits | (running & reads_logits & (check | last))
+            logits, latents, cache = jax.lax.cond(jnp.any(coda_rows), self.coda, skip, cache, state, coda_rows)
+            if criteria.logit_names:
+                exit_logits, new_logits = criteria.check(crit, rows.criterion, rows.threshold, state, weights,
+                                                         logits[:, -1])
+                exits = exits | (running & reads_logits & ((check & exit_logits) | last))
+                new_latent = {**new_latent, **new_logits}
+            crit = {**crit, **jax.tree.map(lambda new, old: jnp.where(check.reshape(-1, *(1,) * (new.ndim - 1)),
+                                                                      new, old), new_latent,
+                                           {key: crit[key] for key in new_latent})}
             keep = exits[:, None, None]
             return (i + 1, state, cache, running & ~exits, crit, jnp.where(keep, logits, out_logits),
                     jnp.where(keep, latents, out_latents), jnp.where(exits, i + 1, steps))
 
-        init = (jnp.zeros((), jnp.int32), state, cache, active, criterion.init(state, cfg.vocab_size), no_logits,
+        init = (jnp.zeros((), jnp.int32), state, cache, active, criteria.init(state, cfg.vocab_size), no_logits,
                 no_latents, jnp.zeros((batch,), jnp.int32))
+        deepest = jnp.max(jnp.where(active, rows.num_steps, 0))  # (every running row exits by then)
         _, _, cache, _, _, logits, latents, steps = jax.lax.while_loop(
-            lambda c: (c[0] < num_steps) & jnp.any(c[3]), body, init)
+            lambda c: (c[0] < deepest) & jnp.any(c[3]), body, init)
         return StepResult(cache, logits, latents, steps)
 
 
@@ -146,12 +186,14 @@ def _layout(ids, lengths, left_padded: bool):
     return first, Chunk(start=jnp.zeros((batch,), jnp.int32), real=real), jnp.maximum(idx - first[:, None], 0)
 
 
-def prefill(runner: Runner, ids, lengths, key, max_len: int, num_steps: int, cache_steps: int):
-    """Creates the cache and runs the prompt; returns (first [batch]: buffer index of each prompt, StepResult)."""
+def prefill(runner: Runner, ids, lengths, keys, max_len: int, rows: RowSettings, cache_steps: int | None = None):
+    """Creates the cache (max_len positions, room for cache_steps iterations per token, default the plan's) and
+    runs the prompts ids [batch, prompt_len] (lengths [batch]) with each row's initial-state key (keys [batch]) and
+    settings; returns (first [batch]: buffer index of each prompt, StepResult at each prompt's last position)."""
     plan, cfg = runner.plan, runner.config
+    cache_steps = plan.cache_steps if cache_steps is None else cache_steps
     cache = KVCache.create(cfg, ids.shape[0], max_len, plan.strategy, cache_steps)
     first, chunk, rope = _layout(ids, lengths, plan.left_padded)
     last = (first + lengths - 1)[:, None]  # the prompt's last position judges its exit and gives the first token
     active = jnp.ones(ids.shape[:1], bool)
-    result = runner.step(cache, ids, chunk, rope, active, last, key, num_steps=num_steps, criterion=plan.criterion)
-    return first, result
+    return first, runner.step(cache, ids, chunk, rope, active, last, keys, rows)

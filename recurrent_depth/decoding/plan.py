@@ -1,17 +1,19 @@
-"""What one compiled generation is specialised on (`Plan`), and the checks of every input before it compiles."""
+"""What one compiled generation is specialised on (`Plan`), the per-row settings it is not specialised on
+(`RowSettings`, traced arrays), and the checks of every input before it compiles."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from recurrent_depth.decoding.exit_criteria import ExitCriterion
+from recurrent_depth.decoding.exit_criteria import CriterionSet, ExitCriterion, criterion_id
 from recurrent_depth.decoding.kv_cache import CacheStrategy
-from recurrent_depth.decoding.sampling import Sampler
+from recurrent_depth.decoding.sampling import Sampler, SamplingRows
 from recurrent_depth.model.lm import RecurrentDepthLM
 
 
@@ -31,6 +33,56 @@ class Plan:
     check_every: int = 1
     return_logits: bool = False
     stream: Callable | None = None  # host function called after every decoding step (see `emit`)
+    # True: every row brings its own settings (`RowSettings`), so every criterion, sampling filter, continuous
+    # thinking and random initial state compile in (the serving engine's programs); the scalars above are then
+    # unused.  False: they are every row's setting, and what they leave out compiles to nothing.
+    per_row: bool = False
+
+    @property
+    def criteria(self) -> CriterionSet | None:
+        """The exit criteria the program evaluates; None: fixed depth only."""
+        if self.per_row:
+            return CriterionSet()
+        return None if self.criterion.name is None else CriterionSet((self.criterion.name,))
+
+    @property
+    def sample_like(self) -> Sampler | None:
+        """The Sampler every row follows (see SamplingRows.__call__); None: any mix."""
+        return None if self.per_row else self.sampler
+
+    @property
+    def may_continue(self) -> bool:
+        return self.per_row or self.continuous
+
+    @property
+    def random_init(self) -> bool:
+        return self.per_row or self.init_scale != 0
+
+    def rows(self, batch: int, num_steps) -> RowSettings:
+        """This plan's scalars as every row's settings (numpy arrays; num_steps may be traced)."""
+        full = lambda value, dtype: np.full((batch,), value, dtype)  # noqa: E731
+        steps = (full(num_steps, np.int32) if isinstance(num_steps, (int, np.integer))
+                 else jnp.broadcast_to(jnp.asarray(num_steps, jnp.int32), (batch,)))
+        return RowSettings(num_steps=steps, criterion=full(criterion_id(self.criterion.name), np.int32),
+                           threshold=full(self.criterion.threshold, np.float32),
+                           min_steps=full(self.min_steps, np.int32), check_every=full(self.check_every, np.int32),
+                           continuous=full(self.continuous, bool), init_scale=full(self.init_scale, np.float32),
+                           sampling=self.sampler.rows(batch))
+
+
+@flax.struct.dataclass
+class RowSettings:
+    """Each row's settings as arrays [batch]: traced, so that one compilation serves every mix (`generate` gives
+    every row its scalars, the serving engine each slot its request's)."""
+
+    num_steps: jax.Array  # int32 iterations per token (with an exit criterion the most); <= Plan.cache_steps
+    criterion: jax.Array  # int32 exit criterion as exit_criteria.criterion_id (0: fixed depth)
+    threshold: jax.Array  # float32 its threshold
+    min_steps: jax.Array  # int32 the criterion is first checked after iteration min_steps + 1,
+    check_every: jax.Array  # int32 then every check_every iterations
+    continuous: jax.Array  # bool: a token's iterations start from the previous token's final state
+    init_scale: jax.Array  # float32 scale of the random initial state (0: zeros)
+    sampling: SamplingRows
 
 
 def prompt_arrays(model: RecurrentDepthLM, prompts, lengths, padding_side: str, max_new_tokens: int):

@@ -36,15 +36,51 @@ def dense(x, w, dtype, out_dtype=None, *, transposed: bool = False):
     dot and both of its gradients without copying an operand only when each operand has one contracting and one
     free dimension; otherwise it transposes activations, their gradients and the weight in every call. Elsewhere
     the weight keeps its axes, so that a sharded out axis (heads, mlp) need not be gathered for the reshape.
+    A weight stored in low precision (inference) is multiplied on CPU and TPU through `use_late` (see there).
     """
-    x, w = x.astype(dtype), w.astype(dtype)
-    lead, out = x.shape[:-1], w.shape[:-1] if transposed else w.shape[1:]
-    if target_platform() == "cpu":
-        x = x.reshape(-1, x.shape[-1])
-        w = w.reshape(-1, w.shape[-1]) if transposed else w.reshape(w.shape[0], -1)
-    contract = (x.ndim - 1,), (w.ndim - 1 if transposed else 0,)
-    y = jax.lax.dot_general(x, w, (contract, ((), ())), preferred_element_type=jnp.float32)
-    return y.reshape(*lead, *out).astype(out_dtype or dtype)
+    def product(x, w):
+        x, w = x.astype(dtype), w.astype(dtype)
+        lead, out = x.shape[:-1], w.shape[:-1] if transposed else w.shape[1:]
+        if target_platform() == "cpu":
+            x = x.reshape(-1, x.shape[-1])
+            w = w.reshape(-1, w.shape[-1]) if transposed else w.reshape(w.shape[0], -1)
+        contract = (x.ndim - 1,), (w.ndim - 1 if transposed else 0,)
+        y = jax.lax.dot_general(x, w, (contract, ((), ())), preferred_element_type=jnp.float32)
+        return y.reshape(*lead, *out).astype(out_dtype or dtype)
+
+    return use_late(product, x, w) if _stored_for_inference(w) else product(x, w)
+
+
+def embed_lookup(table, ids, dtype):
+    """Rows `ids` [...] of an embedding table [vocab, embed] in `dtype` -> [..., embed]; out-of-range ids give NaN
+    rows (jnp.take's fill).  A table stored in low precision is read on CPU and TPU through `use_late`."""
+    rows = lambda ids, table: jnp.take(table, ids, axis=0).astype(dtype)  # noqa: E731
+    return use_late(rows, ids, table) if _stored_for_inference(table) else rows(ids, table)
+
+
+def _stored_for_inference(w) -> bool:
+    """A weight in low precision (inference; training keeps float32 master weights), on a platform where
+    `use_late` pays: not GPUs, where a conditional costs a device-to-host synchronisation."""
+    return jnp.dtype(w.dtype).itemsize < 4 and target_platform() in ("cpu", "tpu")
+
+
+def use_late(fn, x, w):
+    """fn(x, w), computed inside a conditional that XLA cannot fold (its predicate depends on x), so that what XLA
+    derives from the weight w for this use is made at the use and freed after it.
+
+    Out of a loop XLA moves every computation on a loop-invariant weight, and the decoding loops hold the result
+    for their whole run: on CPU, which has no bfloat16 matmul or gather kernels on most processors, the float32
+    copy of each weight (three times the bfloat16 weights in all); with FSDP on TPU, the all-gathered weights (the
+    whole model on every chip).  Out of a branch it moves nothing, so the workspace is the largest weight (in
+    float32 on CPU, gathered on TPU), at the cost of converting or gathering it at every use.
+
+    The predicate is false only if x's first element has all its bits set (a NaN that no arithmetic produces, or
+    -1, never a token id); then the result is NaN.
+    """
+    out = jax.eval_shape(fn, x, w)
+    first = jax.lax.bitcast_convert_type(x.reshape(-1)[:1], jnp.dtype(f"uint{8 * x.dtype.itemsize}"))[0]
+    nan = lambda x, w: jnp.full(out.shape, jnp.nan, out.dtype)  # noqa: E731
+    return jax.lax.cond(~first != 0, fn, nan, x, w)
 
 
 def constrain(x, axes):

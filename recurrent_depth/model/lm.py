@@ -21,7 +21,16 @@ from jax.experimental import checkify
 
 from recurrent_depth.model.attention import attention_mask
 from recurrent_depth.model.config import REMAT_POLICIES, ModelConfig
-from recurrent_depth.model.layers import RMSNorm, SandwichBlock, constrain, dense, param, rope_angles, trunc_normal
+from recurrent_depth.model.layers import (
+    RMSNorm,
+    SandwichBlock,
+    constrain,
+    dense,
+    embed_lookup,
+    param,
+    rope_angles,
+    trunc_normal,
+)
 
 
 @flax.struct.dataclass
@@ -143,7 +152,7 @@ class RecurrentDepthLM(nn.Module):
         `return_layers`, (x, every prelude layer's output [num_prelude_layers, batch, seq, embed]).
         """
         cfg = self.config
-        x = jnp.take(self.embedding, input_ids, axis=0).astype(cfg.stream_dtype) * cfg.embed_scale
+        x = embed_lookup(self.embedding, input_ids, cfg.stream_dtype) * cfg.embed_scale
         x = constrain(x, ("batch", "length", "act_embed"))
         if cache is not None:
             return _run_cached(self.prelude, x, cos, sin, mask, cache)
@@ -158,16 +167,33 @@ class RecurrentDepthLM(nn.Module):
         """One iteration of the core block, for decoding loops that drive the recurrence themselves."""
         return self.core(state, injected, cos, sin, mask, cache)
 
-    def initial_state(self, e, init_scale):
-        """s_0 = trunc_normal(std * init_scale, +-3 std) * sqrt(hidden); zeros when init_scale is 0."""
+    def initial_state(self, e, init_scale, positions=None, keys=None):
+        """s_0 = trunc_normal(std * init_scale, +-3 std) * sqrt(hidden); zeros when init_scale is 0.
+
+        The noise of a position depends only on its row's key and its position (the key folded with it), so neither
+        padding nor the other rows of a batch change a row's state (a bucket-padded prefill draws what an unpadded
+        one draws).  e [batch, seq, embed] gives the shape and dtype.  keys [batch]: each row's PRNG key (default:
+        the 'state' rng folded with the row's index); positions [batch, seq] int: the RoPE positions (default
+        0..seq-1); init_scale: a number, or one per row [batch].
+        """
         if isinstance(init_scale, (int, float)) and init_scale == 0:
             return jnp.zeros_like(e)
-        if not self.has_rng("state"):
-            raise ValueError("a random initial state needs rngs={'state': key}; alternatively pass "
-                             "input_states or init_scale=0 for a deterministic zero state")
+        batch, seq = e.shape[:2]
+        if keys is None:
+            if not self.has_rng("state"):
+                raise ValueError("a random initial state needs rngs={'state': key}; alternatively pass "
+                                 "input_states or init_scale=0 for a deterministic zero state")
+            keys = jax.vmap(jax.random.fold_in, (None, 0))(self.make_rng("state"), jnp.arange(batch))
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+        draw = lambda key, p: jax.random.truncated_normal(  # noqa: E731
+            jax.random.fold_in(key, p), -3.0, 3.0, e.shape[2:], jnp.float32)
+        noise = jax.vmap(jax.vmap(draw, (None, 0)), (0, 0))(keys, positions)
         cfg = self.config
-        noise = jax.random.truncated_normal(self.make_rng("state"), -3.0, 3.0, e.shape, jnp.float32)
-        return (noise * (cfg.resolved_state_init_std * init_scale * cfg.embed_scale)).astype(e.dtype)
+        scale = jnp.asarray(init_scale, jnp.float32)
+        scale = scale.reshape(scale.shape + (1,) * (e.ndim - scale.ndim))  # one per row: [batch, 1, 1]
+        state = noise * (cfg.resolved_state_init_std * cfg.embed_scale * scale)
+        return jnp.where(scale == 0, 0.0, state).astype(e.dtype)  # +0, as a zero init_scale's zeros_like
 
     def iterate(self, state, e, cos, sin, mask, num_steps, return_trajectory: bool = False,
                 return_layers: bool = False):
