@@ -16,10 +16,11 @@ beginnings of its held-out documents), else random weights of that shape (random
 1536, vocab 32768, float32), random weights.  `tiny` (random, hidden 32) is for the tests.
 
 Requests (seeded: request i is the same whatever the count): prompt lengths uniform in --prompt_lens, output
-lengths drawn from --output_lens (ignore_eos: every request generates exactly that many), greedy with seed i (the
-random initial state depends on it), depth drawn from --criteria: `none` is fixed depth at --max_steps or half of
-it, `kl` / `latent-diff` (any of `decoding.exit_criteria`) exit early by that criterion at its default threshold,
-capped at --max_steps.  Concurrency c serves the first max(--min_requests, --requests_per_client x c) requests.
+lengths and depth settings in turn from --output_lens (ignore_eos: every request generates exactly that many) and
+--criteria (`none` is fixed depth at --max_steps or half of it, drawn; `kl` / `latent-diff`, any of
+`decoding.exit_criteria`, exit early by that criterion at its default threshold, capped at --max_steps), greedy
+with seed i (the random initial state depends on it).  Concurrency c serves the first max(--min_requests,
+--requests_per_client x c) requests.
 
 The engine prefills every prompt at one length, the longest prompt's power of two (at least 16; its other bucket
 is --max_len, unused): the prefill's work is the same for all, and both the engine and the baseline compile one
@@ -144,7 +145,9 @@ def documents(run: dict, count: int = 256) -> list[list[int]]:
 
 def make_requests(count: int, vocab_size: int, docs, *, seed: int, prompt_lens, output_lens, criteria,
                   max_steps: int) -> list[Spec]:
-    """The first `count` requests of the mix (request i draws from its own generator)."""
+    """The first `count` requests of the mix: request i has criterion i mod len(criteria) and output length i //
+    len(criteria) mod len(output_lens) (so that every prefix mixes them), its prompt (and a fixed depth's num_steps)
+    from a generator of its own."""
     specs = []
     for i in range(count):
         rng = np.random.default_rng((seed, i))
@@ -154,9 +157,10 @@ def make_requests(count: int, vocab_size: int, docs, *, seed: int, prompt_lens, 
             prompt = long_docs[int(rng.integers(len(long_docs)))][:length]
         else:
             prompt = rng.integers(0, vocab_size, length).tolist()
-        criterion = criteria[int(rng.integers(len(criteria)))]
+        criterion = criteria[i % len(criteria)]
         num_steps = max_steps if criterion != "none" else int(rng.choice([max(1, max_steps // 2), max_steps]))
-        specs.append(Spec(prompt=tuple(int(t) for t in prompt), max_tokens=int(rng.choice(output_lens)),
+        specs.append(Spec(prompt=tuple(int(t) for t in prompt), max_tokens=output_lens[i // len(criteria)
+                                                                                      % len(output_lens)],
                           num_steps=num_steps, criterion=None if criterion == "none" else criterion, seed=i))
     return specs
 

@@ -73,11 +73,21 @@ class SamplingRows:
             return greedy
         uses = lambda field: like is None or getattr(like, field) is not None  # noqa: E731
         temperature = self.temperature[:, None]
-        log_probs = filtered_log_probs(logits / jnp.where(temperature > 0, temperature, 1.0),
-                                       self.top_k[:, None] if uses("top_k") else None,
-                                       self.top_p[:, None] if uses("top_p") else None,
-                                       self.min_p[:, None] if uses("min_p") else None)
-        sampled = jax.vmap(lambda key, lp: jax.random.categorical(key, lp).astype(jnp.int32))(keys, log_probs)
+
+        def sample(sort: bool):
+            log_probs = filtered_log_probs(logits / jnp.where(temperature > 0, temperature, 1.0),
+                                           self.top_k[:, None] if sort and uses("top_k") else None,
+                                           self.top_p[:, None] if sort and uses("top_p") else None,
+                                           self.min_p[:, None] if uses("min_p") else None)
+            return jax.vmap(lambda key, lp: jax.random.categorical(key, lp).astype(jnp.int32))(keys, log_probs)
+
+        if like is None:  # any mix (serving): skip the draw when every row is greedy, the sort when no row filters
+            sorts = jnp.any((self.top_k > 0) | (self.top_p < 1))
+            sampled = jax.lax.cond(jnp.any(self.temperature > 0),
+                                   lambda: jax.lax.cond(sorts, lambda: sample(True), lambda: sample(False)),
+                                   lambda: greedy)
+        else:
+            sampled = sample(True)
         return jnp.where(self.temperature > 0, sampled, greedy)
 
 

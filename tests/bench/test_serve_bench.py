@@ -1,8 +1,8 @@
 """bench/serve_bench.py at the tiny shape: three adaptive requests (one setting, so one compilation of `generate`)
 through the in-process server at two concurrencies: one JSON line each with the figures, the streamed tokens equal
-to sequential `generate`'s.
-The bench runs in a subprocess (uvicorn configures logging onto the streams it finds, which pytest's capture would
-close under it); bad flags are refused in this process, before any model is built."""
+to sequential `generate`'s.  The bench runs in a subprocess (with XLA's cheapest optimisation, which a running
+backend would ignore; and uvicorn configures logging onto the streams it finds, which pytest's capture closes);
+bad flags are refused in this process, before any model is built."""
 
 import importlib.util
 import json
@@ -27,7 +27,8 @@ def serve_bench():
 
 
 def test_bench_lines(tmp_path):
-    # XLA's cheapest optimisation: the compilations are most of this test's time, the figures do not matter here.
+    # XLA's cheapest optimisation: the compilations (the engine's three programs, one of generate, the parameters'
+    # initialisation) are most of this test's time; the figures do not matter here.
     env = single_cpu_env()
     env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
     argv = ["--shape=tiny", "--concurrency=1,3", "--min_requests=3", "--requests_per_client=1", "--max_len=16",
@@ -49,7 +50,7 @@ def test_bench_lines(tmp_path):
         assert line["iterations_per_token"] == line["generate_iterations_per_token"]
         assert line["identical_to_generate"] == 1.0  # greedy: the server's tokens are generate's
         assert line["compiles_after_warm_up"] == 0 and 0 <= line["exited_waiting"] < 1
-        assert 0 < line["mean_busy_slots"] <= line["concurrency"]
+        assert 0 <= line["mean_busy_slots"] <= line["concurrency"]
     assert "warm_up_s" in lines[0] and "warm_up_s" not in lines[1]
 
 
