@@ -107,8 +107,10 @@ def write_mixture_corpus(directory, seq_len: int = 32) -> Path:
 
 def mixture_run_config(corpus):
     """small_config() training on write_mixture_corpus(corpus)'s JSONL, text, row store and Parquet rows (weights
-    3:1:1:1), logging every step."""
+    3:1:1:1), logging every step; at a low mean recurrence, so that its steps (cross-process collectives in
+    tests/test_multihost.py) are quick."""
     config = small_config()
+    config.model.update(mean_recurrence=2, mean_backprop_depth=1)
     config.data.kind = "mixture"
     config.data.sources = [{"kind": "jsonl", "paths": str(Path(corpus) / "*.jsonl"), "weight": 3.0},
                            {"kind": "text", "paths": str(Path(corpus) / "docs.txt"), "weight": 1.0},

@@ -51,6 +51,9 @@ flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "parameter 
                   flag_values=FLAGS)
 flags.DEFINE_string("cache_strategy", None, "KV cache strategy (default: the engine's, latest-compress-4: the "
                     "memory of 4 core-layer entries per position whatever the depth)", flag_values=FLAGS)
+flags.DEFINE_integer("admit_batch", 4, "waiting requests prefilled together (one admit between two decode steps; "
+                     "each prefill length compiles one admit of 1 and one of admit_batch)", lower_bound=1,
+                     flag_values=FLAGS)
 flags.DEFINE_integer("max_queue", 64, "requests waiting for a slot before the server answers 429", lower_bound=0,
                      flag_values=FLAGS)
 flags.DEFINE_string("model_name", None, "the model's name in the API (default: the checkpoint directory's name)",
@@ -79,7 +82,7 @@ def load(args: flags.FlagValues):
     model, params = load_model(checkpoint, dtype=args.dtype, shardings=param_shardings(mesh, rules))
     options = {} if args.cache_strategy is None else {"cache_strategy": args.cache_strategy}
     engine = Engine(model, params, slots=args.slots, max_len=args.max_len, max_steps=args.max_steps,
-                    max_queue=args.max_queue, mesh=mesh, rules=rules, **options)
+                    max_queue=args.max_queue, mesh=mesh, rules=rules, admit_batch=args.admit_batch, **options)
     name = args.model_name or checkpoint.name or str(checkpoint)
     return engine, tokenizer, name
 

@@ -117,10 +117,10 @@ class KVCursor:
         rows = jnp.arange(k.shape[0])[:, None]
         group = g.replace(k=g.k.at[e, rows, :, :, self.write].set(k.astype(g.k.dtype), mode="drop"),
                           v=g.v.at[e, rows, :, self.write].set(v.astype(g.v.dtype), mode="drop"))
-        if self.latest is None:
+        count = 1 if self.latest is None else math.ceil(group.valid.shape[0] / self.latest)
+        if count == 1:  # no earlier entry of this layer to fall back to (as latest-compress-K with K = core layers)
             keys, values, ok = group.k[e], group.v[e], group.valid[e]
         else:  # a missing entry falls back to the deepest earlier one of the same layer: e, e - L, e - 2L, ...
-            count = math.ceil(group.valid.shape[0] / self.latest)
             candidates = e - self.latest * jnp.arange(count)
             found = group.valid[jnp.maximum(candidates, 0)] & (candidates >= 0)[:, None, None]  # [count, b, len]
             source = candidates[jnp.argmax(found, axis=0)]  # [batch, max_len]: the first (deepest) valid one
@@ -181,15 +181,16 @@ class KVCache:
         return self._cursor(self.core, chunk, active, entries if ring is None else entries % ring, ring=ring,
                             latest=self.core_layers if self.strategy.latest else None)
 
-    def insert(self, other: KVCache, row) -> KVCache:
-        """This cache with its row `row` (traced) replaced by `other`'s only row: other's entries at positions
-        [0, other.max_len), none beyond (the serving engine puts a prefilled prompt into a slot this way)."""
+    def insert(self, other: KVCache, rows) -> KVCache:
+        """This cache with its rows `rows` [n] (traced; out of range: skipped) replaced by `other`'s n rows: other's
+        entries at positions [0, other.max_len), none beyond (the serving engine puts prefilled prompts into slots
+        this way)."""
         def put(big: KVGroup, small: KVGroup) -> KVGroup:
-            valid = jnp.zeros((big.valid.shape[0], 1, self.max_len), bool).at[:, :, :small.valid.shape[-1]].set(
-                small.valid)
-            return big.replace(k=jax.lax.dynamic_update_slice(big.k, small.k.astype(big.k.dtype), (0, row, 0, 0, 0)),
-                               v=jax.lax.dynamic_update_slice(big.v, small.v.astype(big.v.dtype), (0, row, 0, 0, 0)),
-                               valid=jax.lax.dynamic_update_slice(big.valid, valid, (0, row, 0)))
+            n, length = small.valid.shape[1:]
+            valid = jnp.zeros((big.valid.shape[0], n, self.max_len), bool).at[..., :length].set(small.valid)
+            return big.replace(k=big.k.at[:, rows, ..., :length].set(small.k.astype(big.k.dtype), mode="drop"),
+                               v=big.v.at[:, rows, :, :length].set(small.v.astype(big.v.dtype), mode="drop"),
+                               valid=big.valid.at[:, rows].set(valid, mode="drop"))
 
         return self.replace(prelude=put(self.prelude, other.prelude), core=put(self.core, other.core),
                             coda=put(self.coda, other.coda))

@@ -5,14 +5,19 @@ JetStream's prefill / insert / generate pattern, for a recurrent-depth model wit
 * Each slot owns rows of one KV cache (`decoding.kv_cache.KVCache`, batch = slots) and a latent state, and holds
   its request's settings as arrays (`decoding.plan.RowSettings`: iterations, exit criterion and threshold,
   min_steps, check_every, continuous thinking, init_scale, temperature / top-k / top-p / min-p) and its key.
-* A waiting request is prefilled alone (batch 1, its prompt right-padded to one of a few bucket lengths) and
-  inserted into a free slot in the same compiled program ("admit"); between two decode steps at most
-  `admit_per_step` requests are admitted while others decode, so that decoding is not starved.
+* Waiting requests are prefilled together, up to `admit_batch` of them (their prompts right-padded to one of a
+  few bucket lengths), and inserted into free slots in the same compiled program ("admit"; one program per bucket
+  for one request and one for `admit_batch`, unused rows padding).  Between two decode steps the engine admits
+  until its free slots or its queue run out.
 * One compiled decode step advances every active slot by one token: the prelude, then the core block one iteration
   at a time while some slot still iterates (each slot exits by its own criterion or depth cap), then the coda for
   the slots that exit, then each slot samples with its own setting.  Since the settings are arrays, this one
   program (and the admit program of each bucket) serves every mix of requests: warm-up compiles them all, and
   nothing compiles afterwards.
+* A step's cost is that of the slots it computes, busy or not, so it computes only a window of the leading slots
+  (a quarter, half or all of them, the smallest that holds the busy ones: one program each); requests move down
+  into the freed slots below to keep the busy ones leading.  On a mesh that shards the slots every step computes
+  them all (a window would move rows between devices).
 * Randomness depends on the request only: its seed gives the key of `generate`'s row 0 (fold_in(key(seed), 0)),
   token n draws its initial state and its sample from split(fold_in(that key, n)), and the initial state's noise
   of a position depends on the key and the position only (not on padding or the other slots).  A request's
@@ -40,6 +45,8 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
+import itertools
 import logging
 import math
 import os
@@ -60,7 +67,7 @@ from recurrent_depth.decoding.plan import Plan, RowSettings
 from recurrent_depth.decoding.sampling import Sampler, SamplingRows
 from recurrent_depth.model.lm import RecurrentDepthLM, init_params
 from recurrent_depth.runtime import sharding
-from recurrent_depth.serving.requests import Done, Event, QueueFull, Request, RequestError, Token
+from recurrent_depth.serving.requests import DepthParams, Done, Event, QueueFull, Request, RequestError, Token
 
 DEFAULT_CACHE_STRATEGY = "latest-compress-4"
 MIN_BUCKET = 16  # the shortest prefill length; longer buckets double up to max_len
@@ -79,6 +86,7 @@ class EngineStats:
     slot_iterations: int  # per decode step: its iterations (the deepest active slot's) x active slots
     exited_waiting: int  # the part of slot_iterations that slots which had exited spent waiting for the deepest
     compiles: int  # compilations since construction (all at warm-up; must not grow after start)
+    moves: int  # requests moved to a lower slot, to keep the decode window small
 
 
 @flax.struct.dataclass
@@ -136,19 +144,20 @@ class Engine:
     `decoding.kv_cache` (default `latest-compress-4`).  max_queue: waiting requests beyond which `submit` raises
     QueueFull.  mesh: a (data, fsdp, tensor) mesh (None: the first device); slots round up to a multiple of its
     batch shards.  rules: the logical sharding rules.  buckets: the prefill lengths (None: 16, 32, ... up to
-    max_len).  admit_per_step: requests admitted between two decode steps while others decode.
+    max_len).  admit_batch: requests prefilled together in one admit (capped at slots): a batched prefill costs far
+    less per prompt than one at a time.
     """
 
     def __init__(self, model: RecurrentDepthLM, params, *, slots: int = 8, max_len: int | None = None,
                  max_steps: int | None = None, cache_strategy: str = DEFAULT_CACHE_STRATEGY, max_queue: int = 64,
                  mesh: Mesh | None = None, rules=sharding.DEFAULT_RULES, buckets: Sequence[int] | None = None,
-                 admit_per_step: int = 2):
+                 admit_batch: int = 4):
         cfg = model.config
         self.model, self.config = model, cfg
         max_len = cfg.max_seq_len if max_len is None else max_len
         max_steps = cfg.mean_recurrence if max_steps is None else max_steps
         for name, value, low in (("slots", slots, 1), ("max_len", max_len, 2), ("max_steps", max_steps, 1),
-                                 ("max_queue", max_queue, 0), ("admit_per_step", admit_per_step, 1)):
+                                 ("max_queue", max_queue, 0), ("admit_batch", admit_batch, 1)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if max_len > cfg.max_seq_len:
@@ -160,7 +169,9 @@ class Engine:
         shards = math.prod(self.mesh.shape[a] for a in batch_axes)
         self.slots = -(-int(slots) // shards) * shards
         self.max_len, self.max_steps, self.max_queue = int(max_len), int(max_steps), int(max_queue)
-        self.admit_per_step = int(admit_per_step)
+        self.admit_batch = min(int(admit_batch), self.slots)
+        # decode windows (see the module docstring): a quarter, half or all of the slots, unless the mesh shards them
+        self._windows = (self.slots,) if shards > 1 else tuple(sorted({max(1, self.slots >> i) for i in range(3)}))
         self.cache_strategy = cache_strategy
         if buckets is None:
             buckets = [b for b in (MIN_BUCKET << i for i in range(32)) if b < max_len] + [max_len]
@@ -176,6 +187,8 @@ class Engine:
         self._replicated = sharding.replicated(self.mesh)
         self._slot_sharding = self._named(("batch",))
         self._compiles = 0
+        # the settings of an admit's padding rows: one iteration, so that they never prolong the prefill
+        self._padding_rows = self._validate(Request(prompt=(0,), max_tokens=1, depth=DepthParams(num_steps=1)))[0]
         # Host state: the loop thread owns the slot table; the lock guards the queue, the counters and the flags.
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -200,8 +213,8 @@ class Engine:
         return self._error
 
     def start(self) -> None:
-        """Compiles every program the engine runs (the admit program of each bucket, the decode step), creates the
-        slots and starts the loop thread; returns when warm."""
+        """Compiles every program the engine runs (the admits of each bucket, the decode step of each window, the
+        move between slots), creates the slots and starts the loop thread; returns when warm."""
         if self._thread is not None or self._warm:
             raise RuntimeError("the engine was already started")
         try:
@@ -244,7 +257,7 @@ class Engine:
             return EngineStats(running=self._running, waiting=len(self._waiting), slots=self.slots,
                                requests_done=c["done"], tokens=c["tokens"], core_iterations=c["core"],
                                slot_iterations=c["slot"], exited_waiting=c["exited_waiting"],
-                               compiles=self._compiles)
+                               compiles=self._compiles, moves=c["moves"])
 
     # ---- validation -----------------------------------------------------------------------------------------------
     def _validate(self, request: Request):
@@ -327,20 +340,40 @@ class Engine:
                      token=zeros, latent=jnp.zeros((n, 1, cfg.hidden_size), cfg.stream_dtype), index=zeros,
                      keys=jnp.zeros((n, 2), jnp.uint32), rows=rows)
 
-    def _admit_fn(self, params, slots: Slots, ids, length, slot, key_data, rows: RowSettings):
-        """Prefills one prompt ids [1, bucket] (length real tokens, right-padded), samples its first token, and
-        inserts it into slot `slot`.  Returns (slots, [first token, the prefill's iterations])."""
+    def _admit_fn(self, params, slots: Slots, ids, lengths, rows_at, key_data, rows: RowSettings):
+        """Prefills prompts ids [n, bucket] (lengths [n] real tokens, right-padded), samples their first tokens and
+        inserts row i into slot rows_at[i] (out of range: a padding row, dropped).  Returns (slots, [2, n]: first
+        tokens, the prefills' iterations)."""
         runner = Runner(self.model, params, self._plan)
-        key = jax.random.fold_in(jax.random.wrap_key_data(key_data), 0)[None]  # generate's row 0 of key(seed)
-        k_state, k_sample = token_keys(key, 0)
-        _, res = prefill(runner, ids, length[None], k_state, ids.shape[1], rows)
+        wrap = lambda data: jax.random.fold_in(jax.random.wrap_key_data(data), 0)  # noqa: E731
+        keys = jax.vmap(wrap)(key_data)  # [n]: generate's row 0 of key(seed)
+        k_state, k_sample = token_keys(keys, 0)
+        _, res = prefill(runner, ids, lengths, k_state, ids.shape[1], rows)
         token = rows.sampling(res.logits[:, 0], k_sample)
-        put = lambda big, small: big.at[slot].set(small[0].astype(big.dtype))  # noqa: E731
-        slots = Slots(cache=slots.cache.insert(res.cache, slot), pos=slots.pos.at[slot].set(length),
+        put = lambda big, small: big.at[rows_at].set(small.astype(big.dtype), mode="drop")  # noqa: E731
+        slots = Slots(cache=slots.cache.insert(res.cache, rows_at), pos=put(slots.pos, lengths),
                       token=put(slots.token, token), latent=put(slots.latent, res.latents),
-                      index=slots.index.at[slot].set(1), keys=put(slots.keys, jax.random.key_data(key)),
+                      index=put(slots.index, jnp.ones_like(lengths)), keys=put(slots.keys, jax.random.key_data(keys)),
                       rows=jax.tree.map(put, slots.rows, rows))
-        return slots, jnp.stack([token[0], res.steps[0]])
+        return slots, jnp.stack([token, res.steps])
+
+    def _window_decode_fn(self, window: int, params, slots: Slots, active):
+        """The decode step of the first `window` slots (active [window]); the others are left as they are."""
+        if window == self.slots:
+            return self._decode_fn(params, slots, active)
+        axes = _slot_axes(slots)
+        take = lambda x, names: jax.lax.slice_in_dim(x, 0, window, axis=names.index("batch"))  # noqa: E731
+        part, out = self._decode_fn(params, jax.tree.map(take, slots, axes), active)
+        put = lambda x, y, names: jax.lax.dynamic_update_slice_in_dim(x, y, 0, names.index("batch"))  # noqa: E731
+        return jax.tree.map(put, slots, part, axes), out
+
+    def _move_fn(self, slots: Slots, src, dst):
+        """Slot src's state copied into slot dst (the loop keeps busy slots leading this way)."""
+        def move(x, names):
+            axis = names.index("batch")
+            return jax.lax.dynamic_update_slice_in_dim(x, jax.lax.dynamic_slice_in_dim(x, src, 1, axis), dst, axis)
+
+        return jax.tree.map(move, slots, _slot_axes(slots))
 
     def _decode_fn(self, params, slots: Slots, active):
         """One token for every active slot ([slots] bool).  Returns (slots, [2, slots]: tokens, iterations)."""
@@ -371,25 +404,30 @@ class Engine:
         params = jax.tree.map(spec, self._params, self._param_shardings)
         slots = jax.tree.map(spec, shapes, slot_shardings)
         rep = self._replicated
-        one_row = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
-                               self._validate(Request(prompt=(0,), max_tokens=1))[0])
-        scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
-        key_data = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep)
-        active = jax.ShapeDtypeStruct((self.slots,), bool, sharding=self._slot_sharding)
-        lowered = {"init": self._lower(self._empty_slots, (), (), slot_shardings),
-                   "decode": self._lower(self._decode_fn, (params, slots, active),
-                                         (self._param_shardings, slot_shardings, self._slot_sharding),
-                                         (slot_shardings, rep), donate=(1,))}
-        for bucket in self.buckets:
-            ids = jax.ShapeDtypeStruct((1, bucket), jnp.int32, sharding=rep)
-            lowered[bucket] = self._lower(
-                self._admit_fn, (params, slots, ids, scalar, scalar, key_data, one_row),
-                (self._param_shardings, slot_shardings, rep, rep, rep, rep, jax.tree.map(lambda _: rep, one_row)),
-                (slot_shardings, rep), donate=(1,))
+        replicated = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=rep)  # noqa: E731
+        lowered = {"init": self._lower(self._empty_slots, (), (), slot_shardings)}
+        for window in self._windows:
+            active = jax.ShapeDtypeStruct((window,), bool, sharding=self._slot_sharding)
+            lowered["decode", window] = self._lower(functools.partial(self._window_decode_fn, window),
+                                                    (params, slots, active),
+                                                    (self._param_shardings, slot_shardings, self._slot_sharding),
+                                                    (slot_shardings, rep), donate=(1,))
+        if len(self._windows) > 1:
+            scalar = replicated((), jnp.int32)
+            lowered["move"] = self._lower(self._move_fn, (slots, scalar, scalar), (slot_shardings, rep, rep),
+                                          slot_shardings, donate=(0,))
+        for n, bucket in itertools.product(sorted({1, self.admit_batch}), self.buckets):
+            rows = jax.tree.map(lambda x, n=n: replicated((n,), x.dtype), self._padding_rows)
+            args = (replicated((n, bucket), jnp.int32), replicated((n,), jnp.int32), replicated((n,), jnp.int32),
+                    replicated((n, 2), jnp.uint32), rows)
+            in_shardings = (self._param_shardings, slot_shardings, *jax.tree.map(lambda _: rep, args))
+            lowered[n, bucket] = self._lower(self._admit_fn, (params, slots, *args), in_shardings,
+                                             (slot_shardings, rep), donate=(1,))
         with concurrent.futures.ThreadPoolExecutor(min(len(lowered), os.cpu_count() or 1, 8)) as pool:
             compiled = dict(zip(lowered, pool.map(lambda low: low.compile(), lowered.values())))
         self._compiles += len(compiled)
-        self._init_program, self._decode = compiled.pop("init"), compiled.pop("decode")
+        self._init_program, self._move = compiled.pop("init"), compiled.pop("move", None)
+        self._decode = {window: compiled.pop(("decode", window)) for window in self._windows}
         self._admit = compiled
 
     # ---- the loop -------------------------------------------------------------------------------------------------
@@ -418,13 +456,14 @@ class Engine:
                 self._admit_some()
                 if not self._running:
                     continue
-                mask = np.asarray([job is not None for job in self._table])
+                window = self._compact()
+                mask = np.asarray([job is not None for job in self._table[:window]])
                 if active_host is None or not np.array_equal(mask, active_host):
                     active_dev, active_host = jax.device_put(mask, self._slot_sharding), mask
-                self._state, out = self._decode(self._params, self._state, active_dev)
+                self._state, out = self._decode[window](self._params, self._state, active_dev)
                 tokens, steps = np.asarray(out)
                 self._account_step(mask, steps)
-                for slot, job in enumerate(list(self._table)):
+                for slot, job in enumerate(self._table[:window]):
                     if job is not None and job.handle.cancelled:  # (cancelled during the step: no more tokens)
                         self._finish(job, Done("cancelled", prompt_steps=job.prompt_steps))
                     elif job is not None:
@@ -436,32 +475,55 @@ class Engine:
             return
         self._fail_pending("the engine stopped")
 
+    def _compact(self) -> int:
+        """Moves busy slots beyond the first `running` into the free ones among them; returns the decode window."""
+        busy = sum(job is not None for job in self._table)
+        if len(self._windows) > 1:
+            holes = [i for i in range(busy) if self._table[i] is None]
+            movers = [i for i in range(busy, self.slots) if self._table[i] is not None]
+            for dst, src in zip(holes, movers):
+                self._state = self._move(self._state, *jax.device_put((np.int32(src), np.int32(dst)),
+                                                                      self._replicated))
+                job = self._table[dst] = self._table[src]
+                self._table[src], job.slot = None, dst
+                with self._lock:
+                    self._counts["moves"] += 1
+        return next(window for window in self._windows if window >= busy)
+
     def _admit_some(self) -> None:
-        """Prefills and inserts waiting requests into free slots: all that fit while no slot decodes, else at
-        most admit_per_step."""
+        """Prefills waiting requests into free slots, up to admit_batch per admit, until the free slots or the
+        queue run out (prefill first, as vLLM's default scheduler: the batches stay full and first tokens come
+        soon; the running requests wait for those admits, at most one per admit_batch free slots)."""
         free = [i for i, job in enumerate(self._table) if job is None]
-        budget = len(free) if not self._running else min(len(free), self.admit_per_step)
-        while budget > 0 and free:
+        while free:
             with self._lock:
-                if not self._waiting:
-                    return
-                job = self._waiting.popleft()
-            if job.handle.cancelled:
-                self._finish(job, Done("cancelled"))
-                continue
-            budget -= 1
-            slot = free[0]
-            prompt = np.asarray(job.request.prompt, np.int32)
-            bucket = next(b for b in self.buckets if b >= len(prompt))
-            ids = np.zeros((1, bucket), np.int32)
-            ids[0, :len(prompt)] = prompt
-            args = jax.device_put((ids, np.int32(len(prompt)), np.int32(slot), job.key_data, job.rows),
-                                  self._replicated)
-            self._state, out = self._admit[bucket](self._params, self._state, *args)
-            token, steps = (int(x) for x in np.asarray(out))
+                jobs = [self._waiting.popleft() for _ in range(min(self.admit_batch, len(free), len(self._waiting)))]
+            if not jobs:
+                return
+            for job in jobs:
+                if job.handle.cancelled:
+                    self._finish(job, Done("cancelled"))
+            jobs = [job for job in jobs if not job.handle.cancelled]
+            if jobs:
+                self._admit_jobs(jobs, free[:len(jobs)])
+                free = free[len(jobs):]
+
+    def _admit_jobs(self, jobs: list[_Job], slots: list[int]) -> None:
+        """One admit: the jobs' prompts in the bucket of the longest, padded to 1 or admit_batch rows."""
+        n = 1 if len(jobs) == 1 else self.admit_batch
+        bucket = next(b for b in self.buckets if b >= max(len(job.request.prompt) for job in jobs))
+        ids, lengths = np.zeros((n, bucket), np.int32), np.ones((n,), np.int32)
+        rows_at, key_data = np.full((n,), self.slots, np.int32), np.zeros((n, 2), np.uint32)
+        for i, (job, slot) in enumerate(zip(jobs, slots)):
+            ids[i, :len(job.request.prompt)] = job.request.prompt
+            lengths[i], rows_at[i], key_data[i] = len(job.request.prompt), slot, job.key_data
+        rows = jax.tree.map(lambda *x: np.concatenate(x), *[job.rows for job in jobs],
+                            *[self._padding_rows] * (n - len(jobs)))
+        args = jax.device_put((ids, lengths, rows_at, key_data, rows), self._replicated)
+        self._state, out = self._admit[n, bucket](self._params, self._state, *args)
+        for job, slot, token, steps in zip(jobs, slots, *np.asarray(out).tolist()):
             job.prompt_steps, job.slot = steps, slot
             self._table[slot] = job
-            free.pop(0)
             with self._lock:
                 self._running += 1
             self._emit_token(job, token, steps)

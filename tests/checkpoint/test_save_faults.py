@@ -121,10 +121,15 @@ class Run:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """The uninterrupted run, started at once (alongside the first test's run): a function that waits for it and
-    returns (its losses by step, its final parameters)."""
+    """The uninterrupted run, started at once: a function that waits for it and returns (its losses by step, its
+    final parameters).  The tests' runs start once it has logged its first step: by then its compilations are in
+    the persistent cache, where they find them (started together, each run would compile them)."""
     directory = tmp_path_factory.mktemp("reference")
     run = Run(directory / "run", directory / "run.log")
+    deadline = time.time() + TIMEOUT
+    while not _losses(directory / "run"):
+        assert run.proc.poll() is None and time.time() < deadline, f"the reference run logged no step:\n{run.output()}"
+        time.sleep(0.05)
     result = []
 
     def get():
@@ -275,7 +280,8 @@ def outage(bucket):
     proxy.down()
 
 
-# First of the runs: the uninterrupted one compiles (cold) alongside, and later tests find the compilations cached.
+# First of the runs: the uninterrupted one has compiled (cold) before it starts, and every run finds the
+# compilations cached.
 @pytest.mark.slow
 def test_a_short_storage_outage_while_a_save_commits_is_retried_and_the_run_finishes(reference, bucket, outage,
                                                                                        tmp_path):

@@ -166,9 +166,12 @@ def test_sigterm_to_one_process_stops_every_process_at_the_same_step(tmp_path):
     """JAX's preemption service carries one process's SIGTERM to the other: both save the same step and exit 0."""
     portpicker = pytest.importorskip("portpicker")
     address = f"127.0.0.1:{portpicker.pick_unused_port()}"
+    # A smaller tiny model at a short sequence: the processes compile and step quickly; the stop is what is tested.
     flags = ["--config=configs/tiny.py", "--config.train.steps=100000", "--config.train.log_every=1",
-             "--config.train.batch_size=16", "--config.train.seq_len=128", "--config.checkpoint.every=100000",
-             "--config.train.peak_flops=1e12"]
+             "--config.train.batch_size=8", "--config.train.seq_len=32", "--config.checkpoint.every=100000",
+             "--config.train.peak_flops=1e12", "--config.model.num_prelude_layers=1",
+             "--config.model.num_core_layers=1", "--config.model.mean_recurrence=2",
+             "--config.model.mean_backprop_depth=1"]
     procs = [subprocess.Popen([sys.executable, "train.py", f"--workdir={tmp_path}", *flags], cwd=ROOT,
                               env=dict(single_cpu_env(), JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2",
                                        JAX_PROCESS_ID=str(i)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -46,11 +47,28 @@ def test_two_processes_train_resume_restore_and_evaluate_like_one(tiny, tmp_path
     requests, prompts = eval_requests()
     fixed, adaptive = lm.loglikelihood(requests, Depth(2)), lm.loglikelihood(requests, Depth(4, "kl", 1e-2))
     tokens = lm.generate(prompts, Depth(3), max_new_tokens=4, stop_ids=[]).tokens
+    # The two processes' run, cut back to its step-4 checkpoint, resumes in one process on another mesh shape (as
+    # soon as the processes have trained, while they go on restoring and evaluating).
+    two = corpus / "run"  # the two processes' workdir
+    deadline = time.time() + 600
+    while not (corpus / "trained").exists():
+        if time.time() > deadline or any(p.poll() is not None for p in procs):
+            for p in procs:
+                p.kill()
+            pytest.fail("the processes did not train:\n" + "\n".join(p.communicate()[0].decode()[-2000:]
+                                                                       for p in procs))
+        time.sleep(0.1)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(two, resumed)
+    shutil.rmtree(resumed / "checkpoints" / str(STEPS))
+    (resumed / "metrics.jsonl").write_text("")
+    resume_config = mixture_run_config(corpus)
+    resume_config.train.steps, resume_config.mesh.shape = STEPS, (1, -1, 1)
+    train(resume_config, resumed)
 
     logs = [p.communicate(timeout=600)[0].decode() for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-3000:]
     result = json.loads(out.read_text())
-    two = corpus / "run"  # the two processes' workdir
     reference = _losses(tmp_path / "reference")
     assert sorted(reference) == list(range(1, STEPS + 1))
     np.testing.assert_allclose([_losses(two)[s] for s in reference], list(reference.values()), rtol=1e-6)
@@ -76,15 +94,8 @@ def test_two_processes_train_resume_restore_and_evaluate_like_one(tiny, tmp_path
     restores = result["restore"]["restores"]
     assert [r[:2] for r in restores] == [[STEPS - 2, 1]] * 2 and restores[1][2] == 1, restores
     assert [r[3] for r in restores] == [STEPS - 2] * 2 and result["restore"]["moved"] == [f"{STEPS}.corrupt-1"]
-    # The two processes' run, cut back to its step-4 checkpoint, resumes in one process on another mesh shape and
-    # trains on the same tokens as the uninterrupted run.
+    # The resumed run trained on the same tokens as the uninterrupted run.
     assert not list((two / "checkpoints").rglob("process_*-of-*")), "a per-process data state"
-    resumed = tmp_path / "resumed"
-    shutil.copytree(two, resumed)
-    shutil.rmtree(resumed / "checkpoints" / str(STEPS))
-    (resumed / "metrics.jsonl").write_text("")
-    config.mesh.shape = (1, -1, 1)
-    train(config, resumed)
     assert sorted(_losses(resumed)) == [STEPS - 1, STEPS]
     np.testing.assert_allclose([_losses(resumed)[s] for s in (STEPS - 1, STEPS)],
                                [reference[s] for s in (STEPS - 1, STEPS)], rtol=1e-5)
