@@ -15,9 +15,9 @@ JetStream's prefill / insert / generate pattern, for a recurrent-depth model wit
   program (and the admit program of each bucket) serves every mix of requests: warm-up compiles them all, and
   nothing compiles afterwards.
 * A step's cost is that of the slots it computes, busy or not, so it computes only a window of the leading slots
-  (a quarter, half or all of them, the smallest that holds the busy ones: one program each); requests move down
-  into the freed slots below to keep the busy ones leading.  On a mesh that shards the slots every step computes
-  them all (a window would move rows between devices).
+  (one, two, three or four quarters of them, the smallest that holds the busy ones: one program each); requests
+  move down into the freed slots below to keep the busy ones leading.  On a mesh that shards the slots every step
+  computes them all (a window would move rows between devices).
 * Randomness depends on the request only: its seed gives the key of `generate`'s row 0 (fold_in(key(seed), 0)),
   token n draws its initial state and its sample from split(fold_in(that key, n)), and the initial state's noise
   of a position depends on the key and the position only (not on padding or the other slots).  A request's
@@ -170,8 +170,10 @@ class Engine:
         self.slots = -(-int(slots) // shards) * shards
         self.max_len, self.max_steps, self.max_queue = int(max_len), int(max_steps), int(max_queue)
         self.admit_batch = min(int(admit_batch), self.slots)
-        # decode windows (see the module docstring): a quarter, half or all of the slots, unless the mesh shards them
-        self._windows = (self.slots,) if shards > 1 else tuple(sorted({max(1, self.slots >> i) for i in range(3)}))
+        # decode windows (see the module docstring): quarters of the slots, unless the mesh shards them
+        quarter = -(-self.slots // 4)
+        windows = {*range(quarter, self.slots, quarter), self.slots}
+        self._windows = (self.slots,) if shards > 1 else tuple(sorted(windows))
         self.cache_strategy = cache_strategy
         if buckets is None:
             buckets = [b for b in (MIN_BUCKET << i for i in range(32)) if b < max_len] + [max_len]
