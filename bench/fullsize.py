@@ -59,6 +59,7 @@ is), so `load_s` measures the conversion more than the disk.  Memory is the mach
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -84,6 +85,11 @@ from recurrent_depth.runtime import sharding
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ORIGINAL_CHILD = ROOT / "bench" / "fullsize_original.py"
+# Both sides compute the generation figures with the original side's function (that file is stdlib-only at import).
+_spec = importlib.util.spec_from_file_location("fullsize_original", ORIGINAL_CHILD)
+_original = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_original)
+generate_figures, sig = _original.generate_figures, _original.sig
 SHAPES = {  # name -> (hidden, heads, MLP inner size, vocab, context); (2, 4, 2) layers each, as huginn-0125
     "huginn-0125": (5280, 55, 17920, 65536, 4096),
     "mid": (1024, 8, 3584, 65536, 4096),
@@ -434,7 +440,7 @@ def _child(spec: dict) -> dict:
             first, best, logits = _timed(lambda: jax.block_until_ready(forward(params, ids)), spec["repeats"])
             np.save(spec["logits_out"], np.asarray(logits, np.float32))
             result.update(first_call_s=round(first, 2), forward_s=round(best, 3),
-                          prefill_tokens_per_s=_sig(batch * prompt_len / best))
+                          prefill_tokens_per_s=sig(batch * prompt_len / best))
         elif spec["measure"] == "generate":
             stamps = []
 
@@ -469,26 +475,8 @@ def _timed(call, repeats: int):
     return first, min(times), out
 
 
-def generate_figures(call, repeats: int, batch: int, new_tokens: int) -> dict:
-    """The generation figures from `call()` -> (start, end, the times each token arrived, tokens): the first call
-    (compiling) and the fastest of `repeats` more.  bench/fullsize_original.py computes the same."""
-    first_start, first_end, _, _ = call()
-    runs = [call() for _ in range(repeats)]
-    start, end, stamps, tokens = min(runs, key=lambda run: run[1] - run[0])
-    if len(stamps) != new_tokens:
-        raise RuntimeError(f"{len(stamps)} tokens arrived, not {new_tokens}")
-    decode = batch * (new_tokens - 1) / (stamps[-1] - stamps[0]) if new_tokens > 1 else None
-    return {"first_call_s": round(first_end - first_start, 2), "generate_s": round(end - start, 3),
-            "first_token_s": round(stamps[0] - start, 3), "tokens_per_s": _sig(batch * new_tokens / (end - start)),
-            "decode_tokens_per_s": None if decode is None else _sig(decode), "tokens": tokens}
-
-
-def _sig(x: float, digits: int = 4) -> float:
-    return float(f"{x:.{digits}g}")
-
-
 def _gb(nbytes: float) -> float:
-    return _sig(nbytes / 1e9)
+    return sig(nbytes / 1e9)
 
 
 # ---- the command line ---------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ def load_original(directory: pathlib.Path):
 def _rss_gb(field: str = "VmRSS") -> float:
     for line in pathlib.Path(f"/proc/{os.getpid()}/status").read_text().splitlines():
         if line.startswith(field + ":"):
-            return _sig(int(line.split()[1]) * 1024 / 1e9)
+            return sig(int(line.split()[1]) * 1024 / 1e9)
     return 0.0
 
 
@@ -67,7 +67,8 @@ class Stamps:
 
 
 def generate_figures(call, repeats: int, batch: int, new_tokens: int) -> dict:
-    """As bench/fullsize.py's generate_figures (the same figures from the same timings)."""
+    """The generation figures from `call()` -> (start, end, the times each token arrived, tokens): the first call
+    (compiling) and the fastest of `repeats` more.  bench/fullsize.py uses it for this project's side too."""
     first_start, first_end, _, _ = call()
     runs = [call() for _ in range(repeats)]
     start, end, stamps, tokens = min(runs, key=lambda run: run[1] - run[0])
@@ -75,11 +76,11 @@ def generate_figures(call, repeats: int, batch: int, new_tokens: int) -> dict:
         raise RuntimeError(f"{len(stamps)} tokens arrived, not {new_tokens}")
     decode = batch * (new_tokens - 1) / (stamps[-1] - stamps[0]) if new_tokens > 1 else None
     return {"first_call_s": round(first_end - first_start, 2), "generate_s": round(end - start, 3),
-            "first_token_s": round(stamps[0] - start, 3), "tokens_per_s": _sig(batch * new_tokens / (end - start)),
-            "decode_tokens_per_s": None if decode is None else _sig(decode), "tokens": tokens}
+            "first_token_s": round(stamps[0] - start, 3), "tokens_per_s": sig(batch * new_tokens / (end - start)),
+            "decode_tokens_per_s": None if decode is None else sig(decode), "tokens": tokens}
 
 
-def _sig(x: float, digits: int = 4) -> float:
+def sig(x: float, digits: int = 4) -> float:
     return float(f"{x:.{digits}g}")
 
 
@@ -97,8 +98,8 @@ def measure(spec: dict) -> dict:
     model.eval()
     tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}  # the tied head counts once
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    result = {"load_s": round(time.perf_counter() - start, 2), "params_gb": _sig(nbytes / 1e9),
-              "per_device_gb": [_sig(nbytes / 1e9)], "rss_after_load_gb": _rss_gb(),
+    result = {"load_s": round(time.perf_counter() - start, 2), "params_gb": sig(nbytes / 1e9),
+              "per_device_gb": [sig(nbytes / 1e9)], "rss_after_load_gb": _rss_gb(),
               "torch": torch.__version__, "transformers": transformers.__version__,
               "torch_threads": torch.get_num_threads()}
     ids = torch.tensor(spec["prompts"], dtype=torch.long)
@@ -109,7 +110,7 @@ def measure(spec: dict) -> dict:
                                      spec["repeats"])
         np.save(spec["logits_out"], logits.float().numpy())
         result.update(first_call_s=round(first, 2), forward_s=round(best, 3),
-                      prefill_tokens_per_s=_sig(batch * prompt_len / best))
+                      prefill_tokens_per_s=sig(batch * prompt_len / best))
     elif spec["measure"] == "generate":
         n = spec["new_tokens"]
         config = transformers.GenerationConfig(max_new_tokens=n, do_sample=False, use_cache=True, eos_token_id=None,
