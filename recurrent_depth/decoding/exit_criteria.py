@@ -82,15 +82,24 @@ class CriterionSet:
         """The carries of every criterion of the set (latent-diff and cosine share the previous state)."""
         return {_carry_key(n): _init(n, state, vocab_size) for n in self.names}
 
-    def check(self, carry: dict, ids, thresholds, state, weights, logits=None):
+    def check(self, carry: dict, ids, thresholds, checking, state, weights, logits=None):
         """(exit [batch] bool, updated carries) for the rows whose criterion needs no logits when logits is None
         (latent criteria), else for the rows of the logit criteria; the other rows never exit here.  ids, thresholds
-        [batch]; the rest as `ExitCriterion.check`."""
+        [batch]; checking [batch] bool: the rows judged now (a criterion no such row uses is not computed, its
+        carry left as it was); the rest as `ExitCriterion.check`."""
         names = [n for n in self.names if (n in LOGIT_CRITERIA) == (logits is not None)]
         exits, updated = jnp.zeros(ids.shape, bool), {}
         for name in names:
-            value, updated[_carry_key(name)] = _value(name, carry[_carry_key(name)], state, weights, logits)
-            exits = exits | ((ids == criterion_id(name)) & _exits(name, value, thresholds))
+            key, mine = _carry_key(name), checking & (ids == criterion_id(name))
+
+            def compute(previous, _, name=name):
+                return _value(name, previous, state, weights, logits)
+
+            def skip(previous, latest):  # latest: the shared carry as another criterion may have updated it
+                return jnp.zeros(ids.shape, jax.eval_shape(compute, previous, latest)[0].dtype), latest
+
+            value, updated[key] = jax.lax.cond(jnp.any(mine), compute, skip, carry[key], updated.get(key, carry[key]))
+            exits = exits | (mine & _exits(name, value, thresholds))
         return exits, updated
 
 

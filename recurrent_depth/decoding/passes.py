@@ -153,14 +153,15 @@ class ChunkPass:
             check = (i >= rows.min_steps) & ((i - rows.min_steps) % rows.check_every == 0)
             last = i == rows.num_steps - 1
             # Latent criteria (and fixed depth) decide before the coda, logit criteria after it.
-            exit_latent, new_latent = criteria.check(crit, rows.criterion, rows.threshold, state, weights)
-            exits = running & ~reads_logits & ((check & exit_latent) | last)
+            exit_latent, new_latent = criteria.check(crit, rows.criterion, rows.threshold, running & check, state,
+                                                     weights)
+            exits = running & ~reads_logits & (exit_latent | last)
             coda_rows = exits | (running & reads_logits & (check | last))
             logits, latents, cache = jax.lax.cond(jnp.any(coda_rows), self.coda, skip, cache, state, coda_rows)
             if criteria.logit_names:
-                exit_logits, new_logits = criteria.check(crit, rows.criterion, rows.threshold, state, weights,
-                                                         logits[:, -1])
-                exits = exits | (running & reads_logits & ((check & exit_logits) | last))
+                exit_logits, new_logits = criteria.check(crit, rows.criterion, rows.threshold, running & check,
+                                                         state, weights, logits[:, -1])
+                exits = exits | (running & reads_logits & (exit_logits | last))
                 new_latent = {**new_latent, **new_logits}
             crit = {**crit, **jax.tree.map(lambda new, old: jnp.where(check.reshape(-1, *(1,) * (new.ndim - 1)),
                                                                       new, old), new_latent,
