@@ -300,7 +300,7 @@ def bench_shape(shape: str, concurrencies: list[int]) -> None:
                     max_queue=max(64, 2 * max(concurrencies)), buckets=sorted({bucket, FLAGS.max_len}),
                     admit_batch=FLAGS.admit_batch)
     common = {"bench": "serve", "shape": shape, "weights": weights, "slots": engine.slots,
-              "admit_batch": engine.admit_batch,
+              "admit_batch": engine.admit_batch, "spans": list(engine.spans),
               "max_len": engine.max_len, "max_steps": engine.max_steps, "cache_strategy": engine.cache_strategy,
               "device": jax.devices()[0].device_kind}
     try:

@@ -54,6 +54,9 @@ flags.DEFINE_string("cache_strategy", None, "KV cache strategy (default: the eng
 flags.DEFINE_integer("admit_batch", 4, "waiting requests prefilled together (one admit between two decode steps; "
                      "each prefill length compiles one admit of 1 and one of admit_batch)", lower_bound=1,
                      flag_values=FLAGS)
+flags.DEFINE_list("spans", None, "attention spans of the decode programs, ending at --max_len: each decode step "
+                  "reads the smallest that holds its requests, one compiled program per span (default: --max_len and "
+                  "its halvings down to an eighth)", flag_values=FLAGS)
 flags.DEFINE_integer("max_queue", 64, "requests waiting for a slot before the server answers 429", lower_bound=0,
                      flag_values=FLAGS)
 flags.DEFINE_string("model_name", None, "the model's name in the API (default: the checkpoint directory's name)",
@@ -81,6 +84,11 @@ def load(args: flags.FlagValues):
     rules = sharding.rules_from_config(run_config.mesh.rules) if has_rules else sharding.DEFAULT_RULES
     model, params = load_model(checkpoint, dtype=args.dtype, shardings=param_shardings(mesh, rules))
     options = {} if args.cache_strategy is None else {"cache_strategy": args.cache_strategy}
+    if args.spans is not None:
+        try:
+            options["spans"] = [int(span) for span in args.spans]
+        except ValueError:
+            raise ValueError(f"--spans must be a comma-separated list of lengths, got {','.join(args.spans)}") from None
     engine = Engine(model, params, slots=args.slots, max_len=args.max_len, max_steps=args.max_steps,
                     max_queue=args.max_queue, mesh=mesh, rules=rules, admit_batch=args.admit_batch, **options)
     name = args.model_name or checkpoint.name or str(checkpoint)

@@ -70,6 +70,9 @@ class Chunk:
 
     start: jax.Array  # [batch] int32: buffer index of the chunk's first position
     real: jax.Array  # [batch, length] bool: a real token (False: padding, never stored)
+    # Attention reads buffer positions [0, span) only (None: all max_len); the chunk must lie below it.  The serving
+    # engine decodes short requests in a long buffer this way, at the cost of the positions they use.
+    span: int | None = flax.struct.field(pytree_node=False, default=None)
 
     @property
     def positions(self):  # [batch, length] buffer indices
@@ -101,7 +104,7 @@ class KVCursor:
     group: KVGroup  # its validity already marks the chunk's entries of every layer of the pass
     entry: jax.Array  # int32 scalar: the current layer's entry
     write: jax.Array  # [batch, length] int32: where the chunk's positions are stored (max_len: not stored)
-    causal: jax.Array  # [batch, length, max_len] bool: entry position <= the chunk position
+    causal: jax.Array  # [batch, length, span] bool: entry position <= the chunk position
     ring: int | None = flax.struct.field(pytree_node=False, default=None)  # entries wrap modulo ring
     latest: int | None = flax.struct.field(pytree_node=False, default=None)  # fallback stride (core layers)
 
@@ -112,18 +115,19 @@ class KVCursor:
 
     def attend(self, k, v):
         """Stores k, v [batch, length, heads, head_dim] at the current entry, then returns what attention
-        reads: keys [b, h, d, max_len], values [b, h, max_len, d], mask [b, 1, length, max_len], and self."""
-        g, e = self.group, self.entry
+        reads: keys [b, h, d, span], values [b, h, span, d], mask [b, 1, length, span], and self."""
+        g, e, span = self.group, self.entry, self.causal.shape[-1]
         rows = jnp.arange(k.shape[0])[:, None]
         group = g.replace(k=g.k.at[e, rows, :, :, self.write].set(k.astype(g.k.dtype), mode="drop"),
                           v=g.v.at[e, rows, :, self.write].set(v.astype(g.v.dtype), mode="drop"))
         count = 1 if self.latest is None else math.ceil(group.valid.shape[0] / self.latest)
         if count == 1:  # no earlier entry of this layer to fall back to (as latest-compress-K with K = core layers)
-            keys, values, ok = group.k[e], group.v[e], group.valid[e]
+            keys, values, ok = group.k[e, ..., :span], group.v[e, :, :, :span], group.valid[e, :, :span]
         else:  # a missing entry falls back to the deepest earlier one of the same layer: e, e - L, e - 2L, ...
             candidates = e - self.latest * jnp.arange(count)
-            found = group.valid[jnp.maximum(candidates, 0)] & (candidates >= 0)[:, None, None]  # [count, b, len]
-            source = candidates[jnp.argmax(found, axis=0)]  # [batch, max_len]: the first (deepest) valid one
+            found = (group.valid[jnp.maximum(candidates, 0), :, :span]
+                     & (candidates >= 0)[:, None, None])  # [count, b, span]
+            source = candidates[jnp.argmax(found, axis=0)]  # [batch, span]: the first (deepest) valid one
             cols = jnp.arange(source.shape[1])[None, :]
             keys = jnp.transpose(group.k[source, rows, :, :, cols], (0, 2, 3, 1))  # [b, len, h, d] -> [b, h, d, len]
             values = jnp.transpose(group.v[source, rows, :, cols], (0, 2, 1, 3))  # [b, len, h, d] -> [b, h, len, d]
@@ -164,7 +168,8 @@ class KVCache:
         """A cursor at entries[0] whose group already marks the chunk valid in all `entries` [layers]."""
         write = jnp.where(chunk.real & active[:, None], chunk.positions, self.max_len)  # [batch, length]
         valid = group.valid.at[entries[:, None, None], jnp.arange(write.shape[0])[None, :, None], write[None]]
-        causal = jnp.arange(self.max_len)[None, None, :] <= chunk.positions[:, :, None]
+        span = self.max_len if chunk.span is None else min(chunk.span, self.max_len)
+        causal = jnp.arange(span)[None, None, :] <= chunk.positions[:, :, None]
         return KVCursor(group.replace(valid=valid.set(True, mode="drop")), entries[0], write, causal, **static)
 
     def prelude_cursor(self, chunk: Chunk, active) -> KVCursor:

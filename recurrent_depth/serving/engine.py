@@ -17,7 +17,9 @@ JetStream's prefill / insert / generate pattern, for a recurrent-depth model wit
 * A step's cost is that of the slots it computes, busy or not, so it computes only a window of the leading slots
   (one, two, three or four quarters of them, the smallest that holds the busy ones: one program each); requests
   move down into the freed slots below to keep the busy ones leading.  On a mesh that shards the slots every step
-  computes them all (a window would move rows between devices).
+  computes them all (a window would move rows between devices).  Likewise attention reads only the first `span`
+  positions of each slot, the smallest of a few spans (max_len and its halvings) that holds the step's longest
+  request: short requests in a long buffer do not pay for the whole of it.  One program per window and span.
 * Randomness depends on the request only: its seed gives the key of `generate`'s row 0 (fold_in(key(seed), 0)),
   token n draws its initial state and its sample from split(fold_in(that key, n)), and the initial state's noise
   of a position depends on the key and the position only (not on padding or the other slots).  A request's
@@ -145,13 +147,14 @@ class Engine:
     QueueFull.  mesh: a (data, fsdp, tensor) mesh (None: the first device); slots round up to a multiple of its
     batch shards.  rules: the logical sharding rules.  buckets: the prefill lengths (None: 16, 32, ... up to
     max_len).  admit_batch: requests prefilled together in one admit (capped at slots): a batched prefill costs far
-    less per prompt than one at a time.
+    less per prompt than one at a time.  spans: the attention spans of the decode programs (None: max_len and its
+    halvings down to an eighth, at least 16), each step reading the smallest that holds its slots' positions.
     """
 
     def __init__(self, model: RecurrentDepthLM, params, *, slots: int = 8, max_len: int | None = None,
                  max_steps: int | None = None, cache_strategy: str = DEFAULT_CACHE_STRATEGY, max_queue: int = 64,
                  mesh: Mesh | None = None, rules=sharding.DEFAULT_RULES, buckets: Sequence[int] | None = None,
-                 admit_batch: int = 4):
+                 admit_batch: int = 4, spans: Sequence[int] | None = None):
         cfg = model.config
         self.model, self.config = model, cfg
         max_len = cfg.max_seq_len if max_len is None else max_len
@@ -180,6 +183,11 @@ class Engine:
         self.buckets = tuple(sorted({int(b) for b in buckets}))
         if not self.buckets or self.buckets[0] < 1 or self.buckets[-1] != self.max_len:
             raise ValueError(f"buckets must be positive lengths, the longest max_len ({max_len}), got {buckets}")
+        if spans is None:  # max_len and its halvings down to an eighth (at least MIN_BUCKET)
+            spans = [self.max_len] + [s for s in (self.max_len >> i for i in range(1, 4)) if s >= MIN_BUCKET]
+        self.spans = tuple(sorted({int(s) for s in spans}))
+        if not self.spans or self.spans[0] < 1 or self.spans[-1] != self.max_len:
+            raise ValueError(f"spans must be positive lengths, the longest max_len ({max_len}), got {spans}")
         self._plan = Plan(max_new_tokens=1, cache_steps=self.max_steps, init_scale=float(cfg.init_scale),
                           sampler=Sampler(), strategy=CacheStrategy.parse(cache_strategy), left_padded=False,
                           per_row=True)
@@ -359,13 +367,14 @@ class Engine:
                       rows=jax.tree.map(put, slots.rows, rows))
         return slots, jnp.stack([token, res.steps])
 
-    def _window_decode_fn(self, window: int, params, slots: Slots, active):
-        """The decode step of the first `window` slots (active [window]); the others are left as they are."""
+    def _window_decode_fn(self, window: int, span: int, params, slots: Slots, active):
+        """The decode step of the first `window` slots (active [window]), attending to their first `span`
+        positions; the other slots are left as they are."""
         if window == self.slots:
-            return self._decode_fn(params, slots, active)
+            return self._decode_fn(span, params, slots, active)
         axes = _slot_axes(slots)
         take = lambda x, names: jax.lax.slice_in_dim(x, 0, window, axis=names.index("batch"))  # noqa: E731
-        part, out = self._decode_fn(params, jax.tree.map(take, slots, axes), active)
+        part, out = self._decode_fn(span, params, jax.tree.map(take, slots, axes), active)
         put = lambda x, y, names: jax.lax.dynamic_update_slice_in_dim(x, y, 0, names.index("batch"))  # noqa: E731
         return jax.tree.map(put, slots, part, axes), out
 
@@ -377,12 +386,13 @@ class Engine:
 
         return jax.tree.map(move, slots, _slot_axes(slots))
 
-    def _decode_fn(self, params, slots: Slots, active):
-        """One token for every active slot ([slots] bool).  Returns (slots, [2, slots]: tokens, iterations)."""
+    def _decode_fn(self, span: int, params, slots: Slots, active):
+        """One token for every active slot ([slots] bool; each slot's pos below span).  Returns (slots, [2, slots]:
+        tokens, iterations)."""
         runner = Runner(self.model, params, self._plan)
         n = active.shape[0]
         k_state, k_sample = token_keys(jax.random.wrap_key_data(slots.keys), slots.index)
-        chunk = Chunk(start=slots.pos, real=jnp.ones((n, 1), bool))
+        chunk = Chunk(start=slots.pos, real=jnp.ones((n, 1), bool), span=span)
         res = runner.step(slots.cache, slots.token[:, None], chunk, slots.pos[:, None], active,
                           jnp.zeros((n, 1), jnp.int32), k_state, slots.rows, state=slots.latent)
         token = slots.rows.sampling(res.logits[:, 0], k_sample)
@@ -408,9 +418,9 @@ class Engine:
         rep = self._replicated
         replicated = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=rep)  # noqa: E731
         lowered = {"init": self._lower(self._empty_slots, (), (), slot_shardings)}
-        for window in self._windows:
+        for window, span in itertools.product(self._windows, self.spans):
             active = jax.ShapeDtypeStruct((window,), bool, sharding=self._slot_sharding)
-            lowered["decode", window] = self._lower(functools.partial(self._window_decode_fn, window),
+            lowered["decode", window, span] = self._lower(functools.partial(self._window_decode_fn, window, span),
                                                     (params, slots, active),
                                                     (self._param_shardings, slot_shardings, self._slot_sharding),
                                                     (slot_shardings, rep), donate=(1,))
@@ -429,7 +439,7 @@ class Engine:
             compiled = dict(zip(lowered, pool.map(lambda low: low.compile(), lowered.values())))
         self._compiles += len(compiled)
         self._init_program, self._move = compiled.pop("init"), compiled.pop("move", None)
-        self._decode = {window: compiled.pop(("decode", window)) for window in self._windows}
+        self._decode = {key[1:]: compiled.pop(key) for key in list(compiled) if key[0] == "decode"}
         self._admit = compiled
 
     # ---- the loop -------------------------------------------------------------------------------------------------
@@ -462,7 +472,10 @@ class Engine:
                 mask = np.asarray([job is not None for job in self._table[:window]])
                 if active_host is None or not np.array_equal(mask, active_host):
                     active_dev, active_host = jax.device_put(mask, self._slot_sharding), mask
-                self._state, out = self._decode[window](self._params, self._state, active_dev)
+                busy = [job for job in self._table[:window] if job is not None]
+                last = max(len(job.request.prompt) + job.emitted - 1 for job in busy)  # the deepest input's position
+                span = next(span for span in self.spans if span > last)
+                self._state, out = self._decode[window, span](self._params, self._state, active_dev)
                 tokens, steps = np.asarray(out)
                 self._account_step(mask, steps)
                 for slot, job in enumerate(self._table[:window]):

@@ -15,8 +15,9 @@ from recurrent_depth.serving.engine import Engine
 from helpers import HUGINN_TEST_SPECIALS, TINY
 
 # The engine both test modules serve (the same settings: the second compilation comes from the persistent cache);
-# one prefill length, so that warm-up compiles two programs.
-ENGINE = {"slots": 4, "max_len": 64, "max_steps": 8, "max_queue": 12, "buckets": (64,)}
+# one prefill length and one attention span, so that warm-up compiles few programs (test_slots_engine.py covers
+# several).
+ENGINE = {"slots": 4, "max_len": 64, "max_steps": 8, "max_queue": 12, "buckets": (64,), "spans": (64,)}
 # 506 words and the 6 special tokens: every one of the model's 512 ids is a word of the tokenizer.
 WORDS = [f"{a}{b}" for a in ("ka", "lo", "mi", "nu", "pe", "ra", "si", "tu", "ve", "zo", "ba", "de", "fi", "go",
                              "hu", "ja", "ke", "li", "mo", "ne", "pi", "ro", "su", "ta", "wa")

@@ -411,10 +411,14 @@ def test_cli_bad_mesh_and_taken_port(served, capsys):
     checkpoint = f"--checkpoint={served.checkpoint}"
     assert serve_cli.main([checkpoint, "--port=0", "--mesh=1,2"]) == 1
     assert serve_cli.main([checkpoint, f"--port={served.server.port}"]) == 1
+    assert serve_cli.main([checkpoint, "--port=0", "--max_len=32", "--spans=16,x"]) == 1
+    assert serve_cli.main([checkpoint, "--port=0", "--max_len=32", "--spans=16,24"]) == 1
     err = capsys.readouterr().err.splitlines()
     assert "error: mesh shape must give sizes for" in err[0]
     assert err[1].startswith("python -m recurrent_depth.cli.serve: error: cannot listen on 127.0.0.1:")
-    assert len(err) == 2
+    assert err[2].endswith("error: --spans must be a comma-separated list of lengths, got 16,x")
+    assert err[3].endswith("error: spans must be positive lengths, the longest max_len (32), got [16, 24]")
+    assert len(err) == 4
 
 
 def test_cli_loads_the_checkpoint_its_tokenizer_and_name(served, capsys):
@@ -422,12 +426,13 @@ def test_cli_loads_the_checkpoint_its_tokenizer_and_name(served, capsys):
     tokenizer and name; its app answers 503 until the engine starts."""
     loaded = []
     argv = [f"--checkpoint={served.checkpoint}", "--slots=2", "--max_len=32", "--max_steps=4", "--max_queue=3",
-            "--admit_batch=3"]
+            "--admit_batch=3", "--spans=16,32"]
     assert run_cli(lambda args: loaded.append(serve_cli.load(serve_cli.FLAGS)), serve_cli.FLAGS, argv, doc="",
                    prog="serve") == 0
     engine, tokenizer, name = loaded[0]
     # the default mesh puts the slots over all 8 (test) devices: 2 slots round up to 8
-    assert (engine.slots, engine.max_len, engine.max_steps, engine.max_queue, engine.admit_batch) == (8, 32, 4, 3, 3)
+    assert (engine.slots, engine.max_len, engine.max_steps, engine.max_queue, engine.admit_batch,
+            engine.spans) == (8, 32, 4, 3, 3, (16, 32))
     assert not engine.ready
     assert name == "tiny-words" and tokenizer.encode("kan lor") == served.tokenizer.encode("kan lor")
     with BackgroundServer(create_app(engine, tokenizer=tokenizer, model_name=name)) as server:

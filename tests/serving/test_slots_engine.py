@@ -103,7 +103,7 @@ def run(engine, *requests):
 def engine(tiny):
     model, params = tiny
     eng = Engine(model, params, slots=4, max_len=MAX_LEN, max_steps=MAX_STEPS, buckets=BUCKETS, max_queue=12,
-                 admit_batch=3)
+                 admit_batch=3, spans=(MAX_LEN,))
     assert not eng.ready and eng.stats().compiles == 0
     eng.start()
     assert eng.ready and eng.error is None
@@ -303,16 +303,26 @@ def test_a_bad_request_names_its_parameter(engine, change, param):
 
 def test_a_mesh_of_eight_devices_gives_the_single_device_output(tiny, mixed):
     """Slots over (data, fsdp), the cache's heads and the parameters over tensor / fsdp (conftest's 8 CPU devices);
-    one prefill bucket of 32, so every prompt is padded otherwise than on one device."""
+    one prefill bucket of 32, so every prompt is padded otherwise than on one device; the default attention spans
+    (16 and 32 positions, where the other engine reads all 32), so requests change span as they grow."""
     alone, _, _ = mixed
     model, params = tiny
     eng = Engine(model, params, slots=4, max_len=MAX_LEN, max_steps=MAX_STEPS, mesh=make_mesh((2, 2, 2)),
                  buckets=(MAX_LEN,))
     eng.start()
+
+    class Used(dict):  # records which decode programs (window, span) the loop runs
+        def __getitem__(self, key):
+            used.add(key)
+            return super().__getitem__(key)
+
+    used, eng._decode = set(), Used(eng._decode)
     try:
         picked = [1, 2, 6, 10]  # adaptive (logit and latent criteria), continuous, sampled
         assert [c.result for c in run(eng, *[MIXED[i] for i in picked])] == [alone[i] for i in picked]
         assert eng._state.cache.core.k.sharding.spec[1] == ("data", "fsdp")
+        assert eng.spans == (16, 32) and used == {(4, 16), (4, 32)}  # (MIXED[2] ends alone below 16 positions)
+        assert eng.stats().compiles == 5  # the empty slots, the admits of 1 and 4 requests, a decode step per span
     finally:
         eng.stop()
 
