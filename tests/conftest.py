@@ -1,6 +1,7 @@
 """Shared fixtures: the tiny reference checkpoints and compiled functions reused across tests."""
 
 import atexit
+import itertools
 import os
 import shutil
 import tempfile
@@ -23,6 +24,49 @@ import pytest
 from recurrent_depth.checkpoint.huggingface import from_huggingface
 
 from helpers import TINY
+
+# The modules that run longest, longest first (seconds on one worker of the 2-core machine, two workers): they are
+# handed out first, so that none starts late and runs alone at the end (xdist's own order, by number of tests, left
+# the one-test multihost and notebook modules last: two minutes of one busy worker).  `--dist loadscope` gives each
+# worker whole modules in collection order (pyproject's `--no-loadscope-reorder`); the others follow in theirs.
+SLOW_MODULES = (
+    "tests/training/test_step.py",  # 195
+    "tests/decoding/test_generate.py",  # 190
+    "tests/training/test_multihost.py",  # 170 (one test: two training processes and a third)
+    "tests/checkpoint/test_train_state.py",  # 163
+    "tests/serving/test_slots_engine.py",  # 155
+    "tests/cli/test_chat.py",  # 125
+    "tests/test_notebook.py",  # 115
+    "tests/checkpoint/test_save_faults.py",  # 113
+    "tests/training/test_loop.py",  # 98
+    "tests/evaluation/test_engine.py",  # 95
+    "tests/decoding/test_parallel.py",  # 90
+    "tests/runtime/test_gcs.py",  # 79
+    "tests/serving/test_server.py",  # 72
+    "tests/training/test_sft.py",  # 67
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Moves the tests of SLOW_MODULES to the front, in that order; each module's tests stay together and in their
+    order, and the other modules keep theirs (a stable sort)."""
+    missing = [path for path in SLOW_MODULES if not (config.rootpath / path).is_file()]
+    if missing:
+        raise pytest.UsageError(f"tests/conftest.py names missing test modules: {missing}")
+    rank = {path: i for i, path in enumerate(SLOW_MODULES)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(SLOW_MODULES)))
+
+
+def pytest_runtest_setup(item):
+    """Each test (with the fixtures set up for it) numbers its checkify checks from 1: model.lm.check_token_ids
+    traces one into every forward pass, and JAX numbers them across the process and writes the number into the
+    program, so that the same program traced in two tests differed and the persistent compilation cache never found
+    it.  The numbers stay unique among the checks traced in one test, which is what checkify needs to tell them
+    apart.  (With a JAX that has no such counter this does nothing; the cache hits are lost, nothing else.)"""
+    from jax._src import checkify
+
+    if hasattr(checkify, "next_code"):
+        checkify.next_code = itertools.count(1).__next__
 
 
 @pytest.fixture(scope="session")

@@ -36,6 +36,18 @@ def small_config():
     return config
 
 
+def smooth_optimizer_config():
+    """small_config with an optimizer whose update is smooth in the gradient (adamw, eps = 1: ~ lr * g).
+
+    Sharded (or accumulated) and single-device gradients agree to ~1e-6 relative, but Adam-type first steps normalise
+    each element by |g| + eps, which turns that noise into large differences where |g| is ~eps. A large eps keeps
+    the comparison of updated parameters a comparison of gradients (tests/training/test_step.py).
+    """
+    config = small_config()
+    config.train.optimizer.update(name="adamw", eps=1.0, peak_learning_rate=1.0)
+    return config
+
+
 def run_steps(trainer, batches, steps):
     """Runs `steps` train steps; returns the losses and a replicated checksum of the final parameters."""
     state = trainer.init_state()

@@ -98,10 +98,10 @@ def test_default_train_then_eval(tmp_path):
     """`python train.py` (default config, a few steps) then `python eval.py` on its workdir: results for every
     iteration count of the config and for its adaptive exit, and the accuracy plots."""
     workdir, out = tmp_path / "workdir", tmp_path / "eval"
+    # The steps and warmup of tests/test_notebook.py's training run: the same programs, compiled once (the cache).
     train = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), f"--workdir={workdir}", "--config.train.steps=12",
-         "--config.train.batch_size=8", "--config.train.log_every=6", "--config.train.optimizer.warmup_steps=2",
-         "--config.checkpoint.every=6"],
+        [sys.executable, str(ROOT / "train.py"), f"--workdir={workdir}", "--config.train.steps=4",
+         "--config.train.log_every=2", "--config.train.optimizer.warmup_steps=2", "--config.checkpoint.every=2"],
         capture_output=True, text=True, env=single_cpu_env(), cwd=tmp_path, timeout=600)
     assert train.returncode == 0, train.stderr[-3000:]
     run = json.loads((workdir / "config.json").read_text())

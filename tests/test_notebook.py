@@ -36,7 +36,8 @@ def test_quickstart_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     notebook = nbformat.read(ROOT / "examples" / "quickstart.ipynb", as_version=4)
     huginn = tiny_huginn_checkpoint(tmp_path / "huginn-tiny", "\n".join(cell.source for cell in notebook.cells))
     # the kernel inherits this process's environment: the notebook's parameters, and no hub access at all
-    monkeypatch.setenv("QUICKSTART_STEPS", "4")  # the training cell runs; what it learns is not checked
+    # the training cell runs (what it learns is not checked), as tests/test_demo.py's train.py: compiled once
+    monkeypatch.setenv("QUICKSTART_STEPS", "4")
     monkeypatch.setenv("QUICKSTART_HUGINN_DIR", str(huginn))
     monkeypatch.setenv("QUICKSTART_MAX_NEW_TOKENS", "8")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -102,7 +102,7 @@ class KVCursor:
     """A group's entries during one pass, positioned at one layer's entry (implements layers.KVStore)."""
 
     group: KVGroup  # its validity already marks the chunk's entries of every layer of the pass
-    entry: jax.Array  # int32 scalar: the current layer's entry
+    entry: jax.Array | int  # the current layer's entry: an int where it is known at trace time (a static slice)
     write: jax.Array  # [batch, length] int32: where the chunk's positions are stored (max_len: not stored)
     causal: jax.Array  # [batch, length, span] bool: entry position <= the chunk position
     ring: int | None = flax.struct.field(pytree_node=False, default=None)  # entries wrap modulo ring
@@ -170,20 +170,27 @@ class KVCache:
         valid = group.valid.at[entries[:, None, None], jnp.arange(write.shape[0])[None, :, None], write[None]]
         span = self.max_len if chunk.span is None else min(chunk.span, self.max_len)
         causal = jnp.arange(span)[None, None, :] <= chunk.positions[:, :, None]
-        return KVCursor(group.replace(valid=valid.set(True, mode="drop")), entries[0], write, causal, **static)
+        first = int(entries[0]) if isinstance(entries, np.ndarray) else entries[0]
+        return KVCursor(group.replace(valid=valid.set(True, mode="drop")), first, write, causal, **static)
 
     def prelude_cursor(self, chunk: Chunk, active) -> KVCursor:
         """At the first prelude layer; `active` [batch]: rows that store entries."""
-        return self._cursor(self.prelude, chunk, active, jnp.arange(self.prelude.k.shape[0]))
+        return self._cursor(self.prelude, chunk, active, np.arange(self.prelude.k.shape[0]))
 
     def coda_cursor(self, chunk: Chunk, active) -> KVCursor:
-        return self._cursor(self.coda, chunk, active, jnp.arange(self.coda.k.shape[0]))
+        return self._cursor(self.coda, chunk, active, np.arange(self.coda.k.shape[0]))
 
     def core_cursor(self, chunk: Chunk, active, iteration) -> KVCursor:
-        """At the first core layer of `iteration` (traced)."""
-        entries = iteration * self.core_layers + jnp.arange(self.core_layers)
-        ring = self.strategy.slots
-        return self._cursor(self.core, chunk, active, entries if ring is None else entries % ring, ring=ring,
+        """At the first core layer of `iteration` (traced).  Where the ring's size divides the core layers (as
+        `latest-compress-4` for 4 core layers), layer l's entry is l mod ring at every iteration: known at trace
+        time, so attention reads a static slice of the cache rather than a copy of a dynamic one."""
+        layers, ring = np.arange(self.core_layers), self.strategy.slots
+        if ring is not None and self.core_layers % ring == 0:
+            entries = layers % ring
+        else:
+            entries = iteration * self.core_layers + jnp.asarray(layers)
+            entries = entries if ring is None else entries % ring
+        return self._cursor(self.core, chunk, active, entries, ring=ring,
                             latest=self.core_layers if self.strategy.latest else None)
 
     def insert(self, other: KVCache, rows) -> KVCache:

@@ -21,7 +21,7 @@ from recurrent_depth.runtime.sharding import make_mesh
 from recurrent_depth.training.loop import train
 from recurrent_depth.training.step import Trainer
 
-from helpers import local_iterator, small_config
+from helpers import local_iterator, small_config, smooth_optimizer_config
 
 ROOT = Path(__file__).parents[2]  # the repository: train.py, eval.py, configs/
 # A run slow enough per step (~0.1 s) that a kill lands mid-run; logged and checkpointed as the test needs.
@@ -101,7 +101,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
 
 
 def test_restore_onto_another_mesh_fallback_and_retention(tmp_path):
-    config = small_config()
+    config = smooth_optimizer_config()  # tests/training/test_step.py's programs on (2, 2, 2): compiled once (cache)
     sharded = Trainer(config, make_mesh((2, 2, 2)))
     iterator = local_iterator(config)
     checkpointer = TrainCheckpointer(tmp_path, every=1, keep=2, async_save=False)

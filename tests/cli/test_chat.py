@@ -38,13 +38,15 @@ TINY_CHECKPOINT = FIXTURES / "huginn-tiny" / "checkpoint"
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """(checkpoint dir, tokenizer file, model, params, tokenizer): the tiny config with a 128-token context."""
+    """(checkpoint dir, tokenizer file, model, params, tokenizer): the tiny config with a 128-token context; the
+    model and parameters loaded from the checkpoint as the chat loads them (placed on a device: the samplers' calls
+    here then reuse the chat's compilations, and it theirs)."""
     root = tmp_path_factory.mktemp("chat")
     corpus = write_mixture_corpus(root / "corpus")
     config = ModelConfig.from_dict(load_config("tiny").model).replace(max_seq_len=128)
-    model = RecurrentDepthLM(config)
-    params = nn.meta.unbox(init_params(model, jax.random.key(0)))
-    save_params(root / "params", config, params)
+    save_params(root / "params", config, nn.meta.unbox(init_params(RecurrentDepthLM(config), jax.random.key(0))))
+    model, params = load_model(root / "params")
+    assert model.config == config
     tok_file = corpus / "sp.model"
     return root / "params", tok_file, model, params, load_tokenizer("sentencepiece", tok_file)
 

@@ -20,7 +20,7 @@ from recurrent_depth.training.loop import train
 from recurrent_depth.training.losses import token_losses
 from recurrent_depth.training.step import Trainer
 
-from helpers import TINY, assert_close, load_config, small_config
+from helpers import TINY, assert_close, load_config, small_config, smooth_optimizer_config
 
 
 def _batch(config, step=0):
@@ -28,22 +28,10 @@ def _batch(config, step=0):
                                     seed=0, start_step=step))
 
 
-def _smooth_optimizer_config():
-    """small_config with an optimizer whose update is smooth in the gradient (adamw, eps = 1: ~ lr * g).
-
-    Sharded (or accumulated) and single-device gradients agree to ~1e-6 relative, but Adam-type first steps normalise
-    each element by |g| + eps, which turns that noise into large differences where |g| is ~eps. A large eps keeps
-    the comparison of updated parameters a comparison of gradients.
-    """
-    config = small_config()
-    config.train.optimizer.update(name="adamw", eps=1.0, peak_learning_rate=1.0)
-    return config
-
-
 @pytest.fixture(scope="module")
 def single_device_step():
     """(metrics, params) after one step of small_config on one device."""
-    config = _smooth_optimizer_config()
+    config = smooth_optimizer_config()
     trainer = Trainer(config, make_mesh((1, 1, 1), jax.devices()[:1]))
     state = trainer.init_state()
     initial = jax.device_get(state.params)
@@ -54,7 +42,7 @@ def single_device_step():
 @pytest.mark.parametrize("shape", [(2, 2, 2), (1, 8, 1)])
 def test_sharded_step_equals_single_device(shape, single_device_step):
     metrics_1, params_1, initial = single_device_step
-    config = _smooth_optimizer_config()
+    config = smooth_optimizer_config()
     trainer = Trainer(config, make_mesh(shape))
     state = trainer.init_state()
     assert trainer.state_shardings.params["core"]["layers_0"]["mlp"]["fc"].spec != jax.sharding.PartitionSpec()
@@ -69,7 +57,7 @@ def test_sharded_step_equals_single_device(shape, single_device_step):
 
 
 def test_ten_steps_with_different_depths_compile_once():
-    config = small_config()
+    config = _warmup_config()  # the program of test_nonfinite_update_... (compiled once, through the cache)
     trainer = Trainer(config, make_mesh((1, 1, 1), jax.devices()[:1]))
     state = trainer.init_state()
     batches = progression_batches(8, 32, config.model.vocab_size, seed=0)
@@ -84,7 +72,7 @@ def test_ten_steps_with_different_depths_compile_once():
 def test_gradient_accumulation_equals_the_full_batch():
     results = []
     for microbatches in (1, 4):
-        config = _smooth_optimizer_config()
+        config = smooth_optimizer_config()
         config.model.init_scale = 0.0  # the initial state is then the same for any split of the batch
         config.train.microbatches = microbatches
         trainer = Trainer(config, make_mesh((1, 1, 1), jax.devices()[:1]))
