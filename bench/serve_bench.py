@@ -74,8 +74,6 @@ flags.DEFINE_string("workdir", str(ROOT / "workdir_text_small"), "a train.py wor
                     "without a checkpoint there, text_small has random weights", flag_values=FLAGS)
 flags.DEFINE_integer("admit_batch", 4, "the engine's admit_batch: waiting requests prefilled together",
                      lower_bound=1, flag_values=FLAGS)
-flags.DEFINE_integer("admit_delay", 0, "the engine's admit_delay: decode steps a waiting request may be held "
-                     "so that admit_batch share a prefill", lower_bound=0, flag_values=FLAGS)
 flags.DEFINE_integer("max_steps", 8, "the depth cap: the engine's max_steps, fixed-depth requests' num_steps (and "
                      "half of it), adaptive requests' cap", lower_bound=1, flag_values=FLAGS)
 flags.DEFINE_integer("max_len", 128, "positions per slot (the engine's max_len)", lower_bound=2, flag_values=FLAGS)
@@ -300,9 +298,9 @@ def bench_shape(shape: str, concurrencies: list[int]) -> None:
     bucket = min(max(MIN_BUCKET, 1 << (hi - 1).bit_length()), FLAGS.max_len)  # every prompt's prefill length
     engine = Engine(model, params, slots=slots, max_len=FLAGS.max_len, max_steps=FLAGS.max_steps,
                     max_queue=max(64, 2 * max(concurrencies)), buckets=sorted({bucket, FLAGS.max_len}),
-                    admit_batch=FLAGS.admit_batch, admit_delay=FLAGS.admit_delay)
+                    admit_batch=FLAGS.admit_batch)
     common = {"bench": "serve", "shape": shape, "weights": weights, "slots": engine.slots,
-              "admit_batch": engine.admit_batch, "admit_delay": engine.admit_delay, "spans": list(engine.spans),
+              "admit_batch": engine.admit_batch, "spans": list(engine.spans),
               "max_len": engine.max_len, "max_steps": engine.max_steps, "cache_strategy": engine.cache_strategy,
               "device": jax.devices()[0].device_kind}
     try:

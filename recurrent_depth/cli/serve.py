@@ -54,9 +54,6 @@ flags.DEFINE_string("cache_strategy", None, "KV cache strategy (default: the eng
 flags.DEFINE_integer("admit_batch", 4, "waiting requests prefilled together (one admit between two decode steps; "
                      "each prefill length compiles one admit of 1 and one of admit_batch)", lower_bound=1,
                      flag_values=FLAGS)
-flags.DEFINE_integer("admit_delay", 0, "decode steps a waiting request may be held, while others run, until "
-                     "admit_batch of them can share one prefill (0: admit at once)", lower_bound=0,
-                     flag_values=FLAGS)
 flags.DEFINE_list("spans", None, "attention spans of the decode programs, ending at --max_len: each decode step "
                   "reads the smallest that holds its requests, one compiled program per span (default: --max_len and "
                   "its halvings down to an eighth)", flag_values=FLAGS)
@@ -93,8 +90,7 @@ def load(args: flags.FlagValues):
         except ValueError:
             raise ValueError(f"--spans must be a comma-separated list of lengths, got {','.join(args.spans)}") from None
     engine = Engine(model, params, slots=args.slots, max_len=args.max_len, max_steps=args.max_steps,
-                    max_queue=args.max_queue, mesh=mesh, rules=rules, admit_batch=args.admit_batch,
-                    admit_delay=args.admit_delay, **options)
+                    max_queue=args.max_queue, mesh=mesh, rules=rules, admit_batch=args.admit_batch, **options)
     name = args.model_name or checkpoint.name or str(checkpoint)
     return engine, tokenizer, name
 

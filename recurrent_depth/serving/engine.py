@@ -8,8 +8,7 @@ JetStream's prefill / insert / generate pattern, for a recurrent-depth model wit
 * Waiting requests are prefilled together, up to `admit_batch` of them (their prompts right-padded to one of a
   few bucket lengths), and inserted into free slots in the same compiled program ("admit"; one program per bucket
   for one request and one for `admit_batch`, unused rows padding).  Between two decode steps the engine admits
-  until its free slots or its queue run out; with `admit_delay`, fewer than `admit_batch` waiting requests are
-  held for up to that many decode steps while others run, so that more of them share one prefill.
+  until its free slots or its queue run out.
 * One compiled decode step advances every active slot by one token: the prelude, then the core block one iteration
   at a time while some slot still iterates (each slot exits by its own criterion or depth cap), then the coda for
   the slots that exit, then each slot samples with its own setting.  Since the settings are arrays, this one
@@ -124,7 +123,6 @@ class _Job:
     rows: RowSettings  # [1] each (numpy)
     key_data: np.ndarray  # [2] uint32
     stops: frozenset
-    queued_at: int = 0  # the engine's decode step count when it was queued
     emitted: int = 0
     prompt_steps: int = 0
     slot: int | None = None
@@ -151,21 +149,18 @@ class Engine:
     max_len).  admit_batch: requests prefilled together in one admit (capped at slots): a batched prefill costs far
     less per prompt than one at a time.  spans: the attention spans of the decode programs (None: max_len and its
     halvings down to an eighth, at least 16), each step reading the smallest that holds its slots' positions.
-    admit_delay: decode steps a waiting request may be held while requests run, so that up to admit_batch of them
-    share one prefill (0: admit at once, whatever the number).
     """
 
     def __init__(self, model: RecurrentDepthLM, params, *, slots: int = 8, max_len: int | None = None,
                  max_steps: int | None = None, cache_strategy: str = DEFAULT_CACHE_STRATEGY, max_queue: int = 64,
                  mesh: Mesh | None = None, rules=sharding.DEFAULT_RULES, buckets: Sequence[int] | None = None,
-                 admit_batch: int = 4, spans: Sequence[int] | None = None, admit_delay: int = 0):
+                 admit_batch: int = 4, spans: Sequence[int] | None = None):
         cfg = model.config
         self.model, self.config = model, cfg
         max_len = cfg.max_seq_len if max_len is None else max_len
         max_steps = cfg.mean_recurrence if max_steps is None else max_steps
         for name, value, low in (("slots", slots, 1), ("max_len", max_len, 2), ("max_steps", max_steps, 1),
-                                 ("max_queue", max_queue, 0), ("admit_batch", admit_batch, 1),
-                                 ("admit_delay", admit_delay, 0)):
+                                 ("max_queue", max_queue, 0), ("admit_batch", admit_batch, 1)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if max_len > cfg.max_seq_len:
@@ -177,7 +172,7 @@ class Engine:
         shards = math.prod(self.mesh.shape[a] for a in batch_axes)
         self.slots = -(-int(slots) // shards) * shards
         self.max_len, self.max_steps, self.max_queue = int(max_len), int(max_steps), int(max_queue)
-        self.admit_batch, self.admit_delay = min(int(admit_batch), self.slots), int(admit_delay)
+        self.admit_batch = min(int(admit_batch), self.slots)
         # decode windows (see the module docstring): quarters of the slots, unless the mesh shards them
         quarter = -(-self.slots // 4)
         windows = {*range(quarter, self.slots, quarter), self.slots}
@@ -262,7 +257,6 @@ class Engine:
                 raise RuntimeError(f"the engine is not running: {self._error or 'not started or stopped'}")
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are waiting (max_queue={self.max_queue})")
-            job.queued_at = self._counts["steps"]
             self._waiting.append(job)
             self._wake.notify_all()
         return handle
@@ -514,16 +508,11 @@ class Engine:
     def _admit_some(self) -> None:
         """Prefills waiting requests into free slots, up to admit_batch per admit, until the free slots or the
         queue run out (prefill first, as vLLM's default scheduler: the batches stay full and first tokens come
-        soon; the running requests wait for those admits, at most one per admit_batch free slots).  While requests
-        run, fewer than admit_batch are held back until the oldest has waited admit_delay decode steps: a prefill
-        of admit_batch prompts costs about twice one of a single prompt, not admit_batch times."""
+        soon; the running requests wait for those admits, at most one per admit_batch free slots)."""
         free = [i for i, job in enumerate(self._table) if job is None]
         while free:
             with self._lock:
-                n = min(self.admit_batch, len(free), len(self._waiting))
-                held = (n < self.admit_batch and self._running > 0 and self._waiting
-                        and self._counts["steps"] - self._waiting[0].queued_at < self.admit_delay)
-                jobs = [] if held else [self._waiting.popleft() for _ in range(n)]
+                jobs = [self._waiting.popleft() for _ in range(min(self.admit_batch, len(free), len(self._waiting)))]
             if not jobs:
                 return
             for job in jobs:
@@ -558,7 +547,6 @@ class Engine:
         used = steps[mask]
         deepest = int(used.max()) if used.size else 0
         with self._lock:
-            self._counts["steps"] += 1
             self._counts["slot"] += deepest * int(mask.sum())
             self._counts["exited_waiting"] += int((deepest - used).sum())
 

@@ -426,13 +426,13 @@ def test_cli_loads_the_checkpoint_its_tokenizer_and_name(served, capsys):
     tokenizer and name; its app answers 503 until the engine starts."""
     loaded = []
     argv = [f"--checkpoint={served.checkpoint}", "--slots=2", "--max_len=32", "--max_steps=4", "--max_queue=3",
-            "--admit_batch=3", "--admit_delay=2", "--spans=16,32"]
+            "--admit_batch=3", "--spans=16,32"]
     assert run_cli(lambda args: loaded.append(serve_cli.load(serve_cli.FLAGS)), serve_cli.FLAGS, argv, doc="",
                    prog="serve") == 0
     engine, tokenizer, name = loaded[0]
     # the default mesh puts the slots over all 8 (test) devices: 2 slots round up to 8
-    assert (engine.slots, engine.max_len, engine.max_steps, engine.max_queue, engine.admit_batch, engine.admit_delay,
-            engine.spans) == (8, 32, 4, 3, 3, 2, (16, 32))
+    assert (engine.slots, engine.max_len, engine.max_steps, engine.max_queue, engine.admit_batch,
+            engine.spans) == (8, 32, 4, 3, 3, (16, 32))
     assert not engine.ready
     assert name == "tiny-words" and tokenizer.encode("kan lor") == served.tokenizer.encode("kan lor")
     with BackgroundServer(create_app(engine, tokenizer=tokenizer, model_name=name)) as server:

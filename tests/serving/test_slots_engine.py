@@ -244,35 +244,6 @@ def test_cancel_frees_the_slot_before_the_next_step(engine):
     assert engine.stats().running == 0
 
 
-@pytest.mark.parametrize("joining", [1, 3])
-def test_admit_delay_holds_fewer_than_admit_batch_for_that_many_steps(engine, joining):
-    """With admit_delay 3 (admit_batch 3), requests queued while one runs are held for 3 decode steps unless
-    admit_batch of them wait, which go at once; held or not, each gives its output alone."""
-    log, joiners = [], [Request(prompt(6 + i), 4, depth=DepthParams(num_steps=2 + i)) for i in range(joining)]
-    collectors = [Collector(log, i) for i in range(joining)]
-
-    class Running(Collector):  # at its second token (after decode step 1), the others join the queue
-        def __call__(self, event):
-            super().__call__(event)
-            if len(self.tokens) == 2 and isinstance(event, Token):
-                for request, collector in zip(joiners, collectors):
-                    engine.submit(request, collector)
-
-    engine.admit_delay = 3
-    try:
-        running = Running(log, "running")
-        engine.submit(Request(PROMPT, 12, depth=DepthParams(num_steps=1)), running)
-        for c in (running, *collectors):
-            c.wait()
-    finally:
-        engine.admit_delay = 0
-    order = [name for name, event in log if isinstance(event, Token)]
-    first_joiner = order.index(0)
-    # held: decode steps 2, 3 and 4 run without them (tokens 3, 4, 5); at once: right after token 2
-    assert order[:first_joiner].count("running") == (5 if joining == 1 else 2)
-    assert [c.result for c in collectors] == [r.result for r in run(engine, *joiners)]
-
-
 def test_a_full_queue_raises(engine):
     release = threading.Event()
 
