@@ -1,6 +1,7 @@
 """Shared fixtures: the tiny reference checkpoints and compiled functions reused across tests."""
 
 import atexit
+import functools
 import itertools
 import os
 import shutil
@@ -9,7 +10,12 @@ import tempfile
 # Eight fake CPU devices for the sharding tests; must be set before jax starts its backend.  CPU only, also in
 # subprocesses: with the `tpu` extra installed jax would otherwise probe for TPUs (the AOT tests still compile
 # for TPU topologies).
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+# XLA:CPU's backend at its cheapest optimisation level: compilation is most of the suite's time (the tests' models
+# are tiny), and this level halves it (the serving engine's ten programs: 44 s -> 25 s).  The comparisons with the
+# original at float32 rounding compile at the default level (helpers.XLA_DEFAULT): the suite's run differed from
+# it by 1.1e-6.  Kept in the subprocesses (helpers.single_cpu_env).
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+                           " --xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent XLA compilation cache for the session and the processes it starts (train.py, eval.py, workers):
 # a program that several of them compile is compiled once.  The in-memory jit caches that tests count are unchanged.
@@ -23,7 +29,7 @@ import pytest
 
 from recurrent_depth.checkpoint.huggingface import from_huggingface
 
-from helpers import TINY
+from helpers import TINY, XLA_DEFAULT
 
 # The modules that run longest, longest first (seconds on one worker of the 2-core machine, two workers): they are
 # handed out first, so that none starts late and runs alone at the end (xdist's own order, by number of tests, left
@@ -81,7 +87,7 @@ def tiny_forward(tiny):
     model, _ = tiny
     traces = []
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=XLA_DEFAULT)  # (test_parity.py's comparisons with the original)
     def forward(params, input_ids, input_states, num_steps):
         traces.append(1)
         return model.apply({"params": params}, input_ids, num_steps=num_steps, input_states=input_states)

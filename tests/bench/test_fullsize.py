@@ -6,7 +6,6 @@ else is refused.  (The original's side needs torch, which CI does not have.)"""
 import importlib.util
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -49,9 +48,7 @@ def test_huginn_layout_is_the_releases(fullsize):
     assert fullsize.hf_config("huginn-0125")["torch_dtype"] == "bfloat16"
 
 
-def test_bench_writes_then_reuses_and_refuses(fullsize, tmp_path, capsys, monkeypatch):
-    # The measurements' processes compile with XLA's cheapest optimisation: the figures do not matter here.
-    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0")
+def test_bench_writes_then_reuses_and_refuses(fullsize, tmp_path, capsys):
     directory = tmp_path / "ckpt"
     common = [f"--dir={directory}", "--prompt_len=4", "--num_steps=2", "--new_tokens=3"]
     # The generate measurement alone: its compilation takes most of this test's time (the forward's is like it).

@@ -27,10 +27,7 @@ def serve_bench():
 
 
 def test_bench_lines(tmp_path):
-    # XLA's cheapest optimisation: the compilations (the engine's three programs, one of generate, the parameters'
-    # initialisation) are most of this test's time; the figures do not matter here.
-    env = single_cpu_env()
-    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+    env = single_cpu_env()  # (with conftest's cheapest XLA optimisation: the figures do not matter here)
     argv = ["--shape=tiny", "--concurrency=1,3", "--min_requests=3", "--requests_per_client=1", "--max_len=16",
             "--prompt_lens=3,8", "--output_lens=4", "--criteria=kl", "--max_steps=3"]
     run = subprocess.run([sys.executable, str(BENCH), *argv], cwd=tmp_path, env=env, capture_output=True, text=True,

@@ -2,7 +2,6 @@
 another mesh, retention, export from a workdir, and bad input that must leave no checkpoint behind."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from recurrent_depth.runtime.sharding import make_mesh
 from recurrent_depth.training.loop import train
 from recurrent_depth.training.step import Trainer
 
-from helpers import local_iterator, small_config, smooth_optimizer_config
+from helpers import local_iterator, single_cpu_env, small_config, smooth_optimizer_config
 
 ROOT = Path(__file__).parents[2]  # the repository: train.py, eval.py, configs/
 # A run slow enough per step (~0.1 s) that a kill lands mid-run; logged and checkpointed as the test needs.
@@ -31,7 +30,7 @@ RUN_FLAGS = ["--config=configs/tiny.py", "--config.train.steps=12", "--config.tr
 
 
 def _run(workdir, extra=(), wait=True):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = single_cpu_env()
     cmd = [sys.executable, "train.py", f"--workdir={workdir}", *RUN_FLAGS, *extra]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     if wait:
@@ -133,7 +132,7 @@ def test_restore_onto_another_mesh_fallback_and_retention(tmp_path):
 
 
 def test_unknown_config_field_fails_before_any_checkpoint(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = single_cpu_env()
     result = subprocess.run([sys.executable, "train.py", f"--workdir={tmp_path}", "--config=configs/tiny.py",
                              "--config.train.no_such_field=3"], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=300)

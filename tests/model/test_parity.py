@@ -10,7 +10,7 @@ from safetensors.numpy import load_file
 from recurrent_depth.checkpoint.huggingface import freqs_cis, from_huggingface, params_to_hf
 from recurrent_depth.training.losses import cross_entropy
 
-from helpers import TINY, TINY_242, assert_close
+from helpers import TINY, TINY_242, XLA_DEFAULT, assert_close
 
 # The tolerances the README states (max error relative to the reference's largest magnitude, float32).  Measured
 # on CPU: logits and latents <= 6.4e-7, the loss 1.5e-7, the gradients <= 1.3e-6 (a norm scale's).
@@ -131,7 +131,9 @@ def test_released_layer_layout_fixture_forward_runs():
     assert model.config.num_core_layers == 4 and model.config.num_coda_layers == 2
     tokens = ref["greedy_full"]
     prompt_len = ref["prompt"].shape[1]
-    out = model.apply({"params": params}, tokens, num_steps=6, init_scale=0.0)
+    forward = jax.jit(lambda p: model.apply({"params": p}, tokens, num_steps=6, init_scale=0.0),
+                      compiler_options=XLA_DEFAULT)
+    out = forward(params)
     # With the `full` cache strategy generation is exact, so the cache-free argmax reproduces every token.
     np.testing.assert_array_equal(np.argmax(out.logits[0, prompt_len - 1:-1], -1), tokens[0, prompt_len:])
     assert_close(out.logits[0, prompt_len - 1:-1], ref["greedy_full_logits"][0], rtol=LOGITS_RTOL,

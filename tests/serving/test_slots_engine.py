@@ -1,7 +1,7 @@
 """The serving engine: equality with `generate`, continuous batching of mixed requests, cancellation, no
 compilation after warm-up, request errors, a full queue, a mesh, a dying loop.
 
-Compilation dominates: one engine (4 slots, 32 positions, at most 8 iterations; 2 prefill buckets) serves every
+Compilation dominates: one engine (4 slots, 64 positions, at most 8 iterations; 2 prefill buckets) serves every
 test but the mesh one, and the comparisons with `generate` use three settings.
 """
 
@@ -28,7 +28,10 @@ from recurrent_depth.serving.requests import (
     Token,
 )
 
-MAX_LEN, MAX_STEPS, BUCKETS = 32, 8, (16, 32)
+# The engine of tests/serving/serving_helpers.py (ENGINE) with a second, shorter prefill bucket: the programs they
+# share (the decode steps, the move, the empty slots, the admits of 64 positions) compile once, here, and come from
+# the persistent compilation cache there.
+MAX_LEN, MAX_STEPS, BUCKETS = 64, 8, (16, 64)
 TIMEOUT = 120  # seconds a request may take (the machine may be busy)
 _rng = np.random.default_rng(0)
 
@@ -103,7 +106,7 @@ def run(engine, *requests):
 def engine(tiny):
     model, params = tiny
     eng = Engine(model, params, slots=4, max_len=MAX_LEN, max_steps=MAX_STEPS, buckets=BUCKETS, max_queue=12,
-                 admit_batch=3, spans=(MAX_LEN,))
+                 spans=(MAX_LEN,))
     assert not eng.ready and eng.stats().compiles == 0
     eng.start()
     assert eng.ready and eng.error is None
@@ -196,7 +199,7 @@ def test_seeded_sampling_alone_equals_sampling_among_others(engine, mixed):
 def test_nothing_compiles_after_warm_up(engine, mixed):
     *_, compiles = mixed
     assert compiles == []  # jax's own compilation events, during the mixed workload
-    # each bucket's admit of one request and of admit_batch (3), the decode step of each window (1, 2, 3 and 4
+    # each bucket's admit of one request and of admit_batch (4), the decode step of each window (1, 2, 3 and 4
     # slots), the move between slots, the empty slots
     assert engine.stats().compiles == 2 * len(BUCKETS) + 6
 
@@ -274,7 +277,7 @@ BAD = [
     (dict(prompt=(1, 512)), "prompt"),
     (dict(prompt=(1, -1)), "prompt"),
     (dict(max_tokens=0), "max_tokens"),
-    (dict(prompt=prompt(30), max_tokens=3), "max_tokens"),
+    (dict(prompt=prompt(62), max_tokens=3), "max_tokens"),
     (dict(stop_ids=(600,)), "stop_ids"),
     (dict(sampling=SamplingParams(temperature=-0.5)), "temperature"),
     (dict(sampling=SamplingParams(temperature=math.nan)), "temperature"),
@@ -303,12 +306,12 @@ def test_a_bad_request_names_its_parameter(engine, change, param):
 
 def test_a_mesh_of_eight_devices_gives_the_single_device_output(tiny, mixed):
     """Slots over (data, fsdp), the cache's heads and the parameters over tensor / fsdp (conftest's 8 CPU devices);
-    one prefill bucket of 32, so every prompt is padded otherwise than on one device; the default attention spans
-    (16 and 32 positions, where the other engine reads all 32), so requests change span as they grow."""
+    32 positions and one prefill bucket of 32, so every prompt is padded otherwise than on one device; the default
+    attention spans (16 and 32 positions, where the other engine reads all 64), so requests change span as they
+    grow."""
     alone, _, _ = mixed
     model, params = tiny
-    eng = Engine(model, params, slots=4, max_len=MAX_LEN, max_steps=MAX_STEPS, mesh=make_mesh((2, 2, 2)),
-                 buckets=(MAX_LEN,))
+    eng = Engine(model, params, slots=4, max_len=32, max_steps=MAX_STEPS, mesh=make_mesh((2, 2, 2)), buckets=(32,))
     eng.start()
 
     class Used(dict):  # records which decode programs (window, span) the loop runs

@@ -4,7 +4,6 @@ exactly, both processes fall back together from a checkpoint only one of them ca
 adaptive-exit scores, generations) gives the same results."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from recurrent_depth.runtime.sharding import make_mesh
 from recurrent_depth.training.loop import train
 
 from helpers import MULTIHOST_STEPS as STEPS
-from helpers import eval_requests, mixture_run_config, params_checksum, write_mixture_corpus
+from helpers import eval_requests, mixture_run_config, params_checksum, single_cpu_env, write_mixture_corpus
 
 
 def _losses(workdir):
@@ -35,7 +34,7 @@ def test_two_processes_train_resume_restore_and_evaluate_like_one(tiny, tmp_path
     port, out = portpicker.pick_unused_port(), tmp_path / "result.json"
     corpus = write_mixture_corpus(tmp_path / "corpus")
     worker = Path(__file__).parents[1] / "multihost_worker.py"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = single_cpu_env()
     procs = [subprocess.Popen([sys.executable, str(worker), str(port), str(i), str(out), str(corpus)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
     # The single-process references run meanwhile (the workers spend most of their time compiling).
