@@ -36,20 +36,20 @@ from helpers import TINY, XLA_DEFAULT
 # the one-test multihost and notebook modules last: two minutes of one busy worker).  `--dist loadscope` gives each
 # worker whole modules in collection order (pyproject's `--no-loadscope-reorder`); the others follow in theirs.
 SLOW_MODULES = (
-    "tests/training/test_step.py",  # 195
-    "tests/decoding/test_generate.py",  # 190
-    "tests/training/test_multihost.py",  # 170 (one test: two training processes and a third)
-    "tests/checkpoint/test_train_state.py",  # 163
-    "tests/serving/test_slots_engine.py",  # 155
-    "tests/cli/test_chat.py",  # 125
-    "tests/test_notebook.py",  # 115
-    "tests/checkpoint/test_save_faults.py",  # 113
-    "tests/training/test_loop.py",  # 98
-    "tests/evaluation/test_engine.py",  # 95
-    "tests/decoding/test_parallel.py",  # 90
-    "tests/runtime/test_gcs.py",  # 79
-    "tests/serving/test_server.py",  # 72
-    "tests/training/test_sft.py",  # 67
+    "tests/checkpoint/test_train_state.py",  # 157
+    "tests/serving/test_slots_engine.py",  # 151
+    "tests/decoding/test_generate.py",  # 150
+    "tests/training/test_step.py",  # 126
+    "tests/training/test_multihost.py",  # 121 (one test: two training processes and a third)
+    "tests/checkpoint/test_save_faults.py",  # 118
+    "tests/test_notebook.py",  # 92
+    "tests/decoding/test_parallel.py",  # 70
+    "tests/cli/test_chat.py",  # 68
+    "tests/training/test_loop.py",  # 67
+    "tests/cli/test_aot.py",  # 66
+    "tests/runtime/test_gcs.py",  # 65
+    "tests/evaluation/test_engine.py",  # 55
+    "tests/training/test_sft.py",  # 47
 )
 
 
