@@ -11,9 +11,9 @@ import tempfile
 # subprocesses: with the `tpu` extra installed jax would otherwise probe for TPUs (the AOT tests still compile
 # for TPU topologies).
 # XLA:CPU's backend at its cheapest optimisation level: compilation is most of the suite's time (the tests' models
-# are tiny), and this level halves it (the serving engine's ten programs: 44 s -> 25 s).  The comparisons with the
-# original at float32 rounding compile at the default level (helpers.XLA_DEFAULT): the suite's run differed from
-# it by 1.1e-6.  Kept in the subprocesses (helpers.single_cpu_env).
+# are tiny), and this level halves it (the serving engine's ten programs: 44 s -> 25 s).  Forwards compared with
+# the original at float32 rounding compile at the default level (helpers.XLA_DEFAULT).  Kept in the subprocesses
+# (helpers.single_cpu_env).
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
                            " --xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -16,7 +16,7 @@ from recurrent_depth.inspect.decode import _decode_jit
 from recurrent_depth.model.attention import attention_mask
 from recurrent_depth.model.layers import rope_angles
 
-from helpers import FIXTURES, TINY, assert_close
+from helpers import FIXTURES, TINY, XLA_DEFAULT, assert_close
 
 LOGITS_RTOL = 1e-6  # as tests/test_parity.py
 DEMO = FIXTURES / "shell-game-demo"
@@ -62,7 +62,7 @@ def hidden_run(tiny):
         out = module(ids, (6, 2), input_states=states, return_hidden_states=True, return_trajectory=True)
         return out, _chain(module, ids, out.hidden_states)
 
-    out, chain = jax.jit(lambda p, i, s: model.apply({"params": p}, i, s, method=run))(
+    out, chain = jax.jit(lambda p, i, s: model.apply({"params": p}, i, s, method=run), compiler_options=XLA_DEFAULT)(
         params, ref["input_ids"], ref["input_states"])
     return ref, out, chain
 
